@@ -1,0 +1,195 @@
+"""Stable Diffusion 3 / 3.5: CLIP-L + CLIP-G (+ optional T5) text encoders, MMDiT denoiser, 16-channel VAE.
+
+Export adapters fix each component's input/output names and return plain tensors; `sd3_export`
+describes the pipeline for the manifest. Prompt handling at run time is in runtime/families.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from latentrt.models.loader import LoadedPipeline
+from latentrt.models.spec import ComponentExport, FamilyExport, TensorTemplate
+from latentrt.runtime.manifest import AxisRange, Defaults, LatentSpec
+
+REQUIRED = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+OPTIONAL = ("text_encoder_3", "tokenizer_3")
+
+
+class CLIPTextAdapter(torch.nn.Module):
+    """input_ids [batch, sequence] int64 -> last_hidden_state, penultimate_hidden_state [batch, sequence, hidden],
+    text_embeds [batch, projection] (the pooled, projected output)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor):
+        out = self.model(input_ids, output_hidden_states=True)
+        return out.last_hidden_state, out.hidden_states[-2], out.text_embeds
+
+
+class T5EncoderAdapter(torch.nn.Module):
+    """input_ids [batch, sequence] int64 -> last_hidden_state [batch, sequence, d_model]."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor):
+        return self.model(input_ids)[0]
+
+
+class SD3TransformerAdapter(torch.nn.Module):
+    """hidden_states [b, c, h, w], encoder_hidden_states [b, seq, joint_dim], pooled_projections [b, pooled_dim],
+    timestep [b] (sigma * 1000) -> sample [b, c, h, w] (the flow-matching velocity)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+        return self.model(
+            hidden_states=hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections,
+            timestep=timestep,
+            return_dict=False,
+        )[0]
+
+
+class VAEDecoderAdapter(torch.nn.Module):
+    """latent_sample [b, c, h, w] (already `latents / scaling_factor + shift_factor`) -> sample [b, 3, 8h, 8w] in [-1, 1]."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, latent_sample):
+        return self.model.decode(latent_sample, return_dict=False)[0]
+
+
+def _clip_export(name: str, model, max_length: int, batch: AxisRange) -> ComponentExport:
+    return ComponentExport(
+        name=name,
+        module=CLIPTextAdapter(model),
+        inputs=(TensorTemplate("input_ids", ("batch", "sequence"), "int64", 0, model.config.vocab_size),),
+        outputs=(
+            TensorTemplate("last_hidden_state", ("batch", "sequence", model.config.hidden_size)),
+            TensorTemplate("penultimate_hidden_state", ("batch", "sequence", model.config.hidden_size)),
+            TensorTemplate("text_embeds", ("batch", model.config.projection_dim)),
+        ),
+        axes={"batch": batch, "sequence": AxisRange(1, max_length, max_length)},
+        trace_sizes={"batch": 2, "sequence": max_length},
+        validate_sizes=({"batch": 1, "sequence": max_length}, {"batch": 2, "sequence": max_length}),
+    )
+
+
+def sd3_export(pipe: LoadedPipeline, *, max_batch: int = 4, max_sequence_length: int = 256) -> FamilyExport:
+    """Describe an SD3 pipeline's components for export.
+
+    Args:
+        max_batch: the most images per call; with classifier-free guidance the text encoders and the
+            denoiser see up to `2 * max_batch`.
+        max_sequence_length: the T5 token length prompts are padded to (diffusers' default 256).
+    """
+    c = pipe.components
+    transformer, vae = c["transformer"], c["vae"]
+    tcfg, vcfg = transformer.config, vae.config
+    clip_len = c["tokenizer"].model_max_length
+    clip_width = c["text_encoder"].config.hidden_size + c["text_encoder_2"].config.hidden_size
+    batch = AxisRange(1, 2, 2 * max_batch)
+
+    components = [
+        _clip_export("text_encoder", c["text_encoder"], clip_len, batch),
+        _clip_export("text_encoder_2", c["text_encoder_2"], clip_len, batch),
+    ]
+    tokenizers = {"tokenizer": (c["tokenizer"], clip_len), "tokenizer_2": (c["tokenizer_2"], clip_len)}
+    t5_max = max(max_sequence_length, 512)
+    if c["text_encoder_3"] is not None:
+        components.append(
+            ComponentExport(
+                name="text_encoder_3",
+                module=T5EncoderAdapter(c["text_encoder_3"]),
+                inputs=(TensorTemplate("input_ids", ("batch", "sequence"), "int64", 0, c["text_encoder_3"].config.vocab_size),),
+                outputs=(TensorTemplate("last_hidden_state", ("batch", "sequence", c["text_encoder_3"].config.d_model)),),
+                axes={"batch": batch, "sequence": AxisRange(1, max_sequence_length, t5_max)},
+                trace_sizes={"batch": 2, "sequence": 16},
+                validate_sizes=({"batch": 1, "sequence": max_sequence_length}, {"batch": 2, "sequence": 24}),
+            )
+        )
+        tokenizers["tokenizer_3"] = (c["tokenizer_3"], max_sequence_length)
+
+    vae_scale = 2 ** (len(vcfg.block_out_channels) - 1)
+    patch = tcfg.patch_size
+    sample = tcfg.sample_size
+    # The cropped positional embedding limits the latent to pos_embed_max_size patches a side.
+    max_latent = tcfg.pos_embed_max_size * patch if tcfg.pos_embed_max_size else 4 * sample
+    latent_axis = AxisRange(2 * patch, sample, max_latent, multiple_of=patch)
+    small, odd = 2 * patch, 3 * patch  # a non-square latent different from the traced one
+    components.append(
+        ComponentExport(
+            name="transformer",
+            module=SD3TransformerAdapter(transformer),
+            inputs=(
+                TensorTemplate("hidden_states", ("batch", tcfg.in_channels, "latent_height", "latent_width")),
+                TensorTemplate("encoder_hidden_states", ("batch", "context_length", tcfg.joint_attention_dim)),
+                TensorTemplate("pooled_projections", ("batch", tcfg.pooled_projection_dim)),
+                TensorTemplate("timestep", ("batch",), "float32", 0.0, 1000.0),
+            ),
+            outputs=(TensorTemplate("sample", ("batch", tcfg.out_channels, "latent_height", "latent_width")),),
+            axes={
+                "batch": batch,
+                "latent_height": latent_axis,
+                "latent_width": latent_axis,
+                "context_length": AxisRange(clip_len, clip_len + max_sequence_length, clip_len + t5_max),
+            },
+            trace_sizes={"batch": 2, "latent_height": 2 * small, "latent_width": 2 * small, "context_length": clip_len + 8},
+            validate_sizes=(
+                {"batch": 1, "latent_height": sample, "latent_width": sample, "context_length": clip_len + max_sequence_length},
+                {"batch": 2, "latent_height": odd, "latent_width": 2 * odd, "context_length": clip_len + 5},
+            ),
+        )
+    )
+    components.append(
+        ComponentExport(
+            name="vae_decoder",
+            module=VAEDecoderAdapter(vae),
+            inputs=(TensorTemplate("latent_sample", ("batch", vcfg.latent_channels, "latent_height", "latent_width")),),
+            outputs=(TensorTemplate("sample", ("batch", 3, "height", "width")),),
+            axes={"batch": AxisRange(1, 1, max_batch), "latent_height": latent_axis, "latent_width": latent_axis},
+            trace_sizes={"batch": 1, "latent_height": 2 * small, "latent_width": 2 * small},
+            validate_sizes=(
+                {"batch": 1, "latent_height": sample, "latent_width": sample},
+                {"batch": 2, "latent_height": odd, "latent_width": 2 * odd},
+            ),
+        )
+    )
+
+    scheduler = c["scheduler"]
+    return FamilyExport(
+        family="sd3",
+        components=components,
+        tokenizers=tokenizers,
+        latent=LatentSpec(
+            channels=tcfg.in_channels,
+            vae_scale_factor=vae_scale,
+            scaling_factor=float(vcfg.scaling_factor),
+            shift_factor=float(vcfg.shift_factor or 0.0),
+        ),
+        scheduler={"class_name": type(scheduler).__name__, "config": dict(scheduler.config)},
+        defaults=Defaults(
+            height=sample * vae_scale,
+            width=sample * vae_scale,
+            num_inference_steps=28,
+            guidance_scale=7.0,
+            max_sequence_length=max_sequence_length,
+        ),
+        conditioning={
+            "clip_encoders": [["text_encoder", "tokenizer"], ["text_encoder_2", "tokenizer_2"]],
+            "t5_encoder": ["text_encoder_3", "tokenizer_3"] if c["text_encoder_3"] is not None else None,
+            "joint_attention_dim": tcfg.joint_attention_dim,
+            "patch_size": patch,
+            "clip_width": clip_width,
+        },
+    )
