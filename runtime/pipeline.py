@@ -1,0 +1,224 @@
+"""`Pipeline`: text-to-image generation from a bundle, with numpy and a backend, no torch."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from latentrt.errors import BundleError, InputError
+from latentrt.runtime.families import FAMILIES
+from latentrt.runtime.manifest import AxisRange, Manifest, load_manifest
+from latentrt.runtime.tokenizer import PromptTokenizer
+
+logger = logging.getLogger(__name__)
+
+Backend = Literal["onnxruntime", "tensorrt"]
+
+
+@dataclass
+class PipelineOutput:
+    """Generated images and where the time went.
+
+    Attributes:
+        images: PIL images, `len(prompts) * num_images_per_prompt` of them.
+        pixels: the same images as float32 [n, height, width, 3] in [0, 1], before 8-bit rounding.
+        timings: seconds per stage: "text_encoding", "denoising_steps" (a list, one per step),
+            "vae_decode", "total".
+    """
+
+    images: list
+    pixels: np.ndarray
+    timings: dict[str, float | list[float]] = field(default_factory=dict)
+
+
+class Pipeline:
+    """A loaded bundle, ready to generate.
+
+    Example:
+        >>> pipe = Pipeline.load("bundles/tiny-sd3")  # doctest: +SKIP
+        >>> out = pipe("a red circle on the left", num_inference_steps=8, seed=0)  # doctest: +SKIP
+        >>> out.images[0].save("out.png")  # doctest: +SKIP
+    """
+
+    def __init__(self, bundle: Path, manifest: Manifest, engines: dict[str, Callable]) -> None:
+        if manifest.family not in FAMILIES:
+            raise BundleError(f"{bundle}: unknown pipeline family {manifest.family!r}; this latentrt runs {', '.join(FAMILIES)}")
+        self.bundle = bundle
+        self.manifest = manifest
+        self.engines = engines
+        tokenizers = {
+            name: PromptTokenizer(bundle / spec.file, max_length=spec.max_length, pad_id=spec.pad_id)
+            for name, spec in manifest.tokenizers.items()
+        }
+        self.family = FAMILIES[manifest.family](manifest, engines, tokenizers)
+
+    @classmethod
+    def load(
+        cls,
+        bundle: str | os.PathLike,
+        backend: Backend = "onnxruntime",
+        *,
+        providers: Sequence[str] | None = None,
+        threads: int = 0,
+        verify: bool = True,
+    ) -> Pipeline:
+        """Load a bundle written by `latentrt export`.
+
+        Args:
+            backend: "onnxruntime" (any machine) or "tensorrt" (engines built by `latentrt build`).
+            providers: ONNX Runtime execution providers (default CPU).
+            threads: ONNX Runtime intra-op threads; 0 lets it choose.
+            verify: check every ONNX file's sha256 against the manifest first.
+        """
+        bundle = Path(bundle)
+        manifest = load_manifest(bundle, verify=verify)
+        if backend == "onnxruntime":
+            from latentrt.runtime.onnxruntime_engine import OnnxRuntimeEngine
+
+            engines = {
+                name: OnnxRuntimeEngine(
+                    bundle / comp.file, comp.inputs, comp.outputs, providers=providers or ("CPUExecutionProvider",), threads=threads
+                )
+                for name, comp in manifest.components.items()
+            }
+        elif backend == "tensorrt":
+            from latentrt.runtime.tensorrt_engine import load_tensorrt_engines
+
+            engines = load_tensorrt_engines(bundle, manifest)
+        else:
+            raise InputError(f"unknown backend {backend!r}; choose 'onnxruntime' or 'tensorrt'")
+        return cls(bundle, manifest, engines)
+
+    def _latent_size(self, height: int, width: int) -> tuple[int, int]:
+        vae = self.manifest.latent.vae_scale_factor
+        axes = self.manifest.components[self.family.denoiser].axes
+        sizes = []
+        for what, pixels, axis in (("height", height, axes["latent_height"]), ("width", width, axes["latent_width"])):
+            step = vae * axis.multiple_of
+            if pixels % step or not axis.contains(pixels // vae):
+                nearest = min(max(round(pixels / step) * step, axis.min * vae), axis.max * vae)
+                raise InputError(
+                    f"{what} {pixels} is not valid for this bundle: it must be a multiple of {step} between "
+                    f"{axis.min * vae} and {axis.max * vae}; the nearest valid {what} is {nearest}"
+                )
+            sizes.append(pixels // vae)
+        return sizes[0], sizes[1]
+
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        seed: int | None = None,
+        latents: np.ndarray | None = None,
+        max_sequence_length: int | None = None,
+        callback: Callable[[int, int], None] | None = None,
+    ) -> PipelineOutput:
+        """Generate images.
+
+        Args:
+            prompt: one prompt or a list.
+            negative_prompt: used as the unconditional prompt for classifier-free guidance
+                (default ""); ignored when `guidance_scale <= 1`.
+            num_inference_steps, guidance_scale, height, width, max_sequence_length: default to the
+                manifest's `defaults`.
+            seed: seeds numpy's default generator for the initial latents (same seed, same image).
+            latents: initial latents [n, channels, height / f, width / f] float32 in the denoiser's
+                layout; overrides `seed`, as diffusers' `latents=` does.
+            callback: called as `callback(step, num_inference_steps)` after each denoising step.
+        """
+        start = time.perf_counter()
+        d = self.manifest.defaults
+        steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
+        guidance = d.guidance_scale if guidance_scale is None else guidance_scale
+        height = d.height if height is None else height
+        width = d.width if width is None else width
+        seq_len = d.max_sequence_length if max_sequence_length is None else max_sequence_length
+        if steps < 1:
+            raise InputError(f"num_inference_steps must be >= 1, got {steps}")
+        if num_images_per_prompt < 1:
+            raise InputError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise InputError("prompt is empty: pass a string or a non-empty list of strings")
+        latent_h, latent_w = self._latent_size(height, width)
+        n = len(prompts) * num_images_per_prompt
+        shape = (n, self.manifest.latent.channels, latent_h, latent_w)
+        cfg = guidance > 1.0
+
+        if latents is None:
+            latents = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+        elif latents.shape != shape:
+            raise InputError(f"latents have shape {latents.shape}, expected {shape} for {n} images of {height}x{width}")
+        latents = np.asarray(latents, dtype=np.float32)
+        self._check_batch(2 * n if cfg else n)
+
+        # 1. Encode prompts; with guidance the negative prompts are batched first, as in diffusers.
+        text = [p for p in prompts for _ in range(num_images_per_prompt)]
+        if cfg:
+            negatives = _broadcast_negative(negative_prompt, len(prompts))
+            text = [p for p in negatives for _ in range(num_images_per_prompt)] + text
+        t0 = time.perf_counter()
+        cond = self.family.encode_prompts(text, max_sequence_length=seq_len)
+        timings: dict = {"text_encoding": time.perf_counter() - t0, "denoising_steps": []}
+
+        # 2. Denoise.
+        sigmas, timesteps = self.family.schedule(steps, latent_h, latent_w)
+        denoiser = self.engines[self.family.denoiser]
+        for i, t in enumerate(timesteps):
+            t0 = time.perf_counter()
+            model_in = np.concatenate([latents, latents]) if cfg else latents
+            out = denoiser(self.family.denoiser_feeds(model_in, t, cond))["sample"]
+            if cfg:
+                uncond, text_out = out[:n], out[n:]
+                out = uncond + guidance * (text_out - uncond)
+            latents = self.family.step(latents, out, sigmas[i], sigmas[i + 1])
+            timings["denoising_steps"].append(time.perf_counter() - t0)
+            if callback:
+                callback(i + 1, steps)
+
+        # 3. Decode.
+        t0 = time.perf_counter()
+        latent = self.manifest.latent
+        decoder_in = (latents / np.float32(latent.scaling_factor) + np.float32(latent.shift_factor)).astype(np.float32)
+        decoded = self.engines["vae_decoder"]({"latent_sample": decoder_in})["sample"]
+        timings["vae_decode"] = time.perf_counter() - t0
+        pixels = np.clip(decoded / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+        timings["total"] = time.perf_counter() - start
+        return PipelineOutput(images=to_pil(pixels), pixels=pixels, timings=timings)
+
+    def _check_batch(self, batch: int) -> None:
+        axis: AxisRange = self.manifest.components[self.family.denoiser].axes["batch"]
+        if batch > axis.max:
+            raise InputError(
+                f"this call needs a denoiser batch of {batch} (images x 2 with guidance), but the bundle was exported "
+                f"for at most {axis.max}; generate fewer images per call or re-export with a larger --max-batch"
+            )
+
+
+def _broadcast_negative(negative_prompt: str | list[str] | None, count: int) -> list[str]:
+    if negative_prompt is None:
+        return [""] * count
+    if isinstance(negative_prompt, str):
+        return [negative_prompt] * count
+    if len(negative_prompt) != count:
+        raise InputError(f"got {len(negative_prompt)} negative prompts for {count} prompts; pass one per prompt or a single string")
+    return list(negative_prompt)
+
+
+def to_pil(pixels: np.ndarray) -> list:
+    """float [n, h, w, 3] in [0, 1] -> PIL images, rounded as diffusers rounds them."""
+    from PIL import Image
+
+    return [Image.fromarray(img) for img in (pixels * 255).round().astype(np.uint8)]
