@@ -75,6 +75,7 @@ def export_component(comp: ComponentExport, path: Path, *, opset: int = 18) -> l
         except Exception as err:  # the exporter raises many types; name the component
             raise ExportError(f"component {comp.name!r}: torch.onnx.export failed: {err}") from err
         model = onnx.load(str(traced), load_external_data=True)
+    _declare_output_shapes(model, comp.outputs)
     if large:
         data_name = path.name + ".data"
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
@@ -83,6 +84,23 @@ def export_component(comp: ComponentExport, path: Path, *, opset: int = 18) -> l
     onnx.save_model(model, str(path))
     onnx.checker.check_model(model)
     return []
+
+
+def _declare_output_shapes(model, templates) -> None:
+    """Write the templates' dims (ints and axis names) into the graph outputs.
+
+    The TorchScript exporter names output dims after internal nodes and loses static sizes; the
+    validation that follows checks every declared dim against PyTorch's outputs.
+    """
+    for output, template in zip(model.graph.output, templates):
+        dims = output.type.tensor_type.shape.dim
+        del dims[:]
+        for d in template.shape:
+            dim = dims.add()
+            if isinstance(d, str):
+                dim.dim_param = d
+            else:
+                dim.dim_value = d
 
 
 def io_specs(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
@@ -127,10 +145,13 @@ def validate_component(comp: ComponentExport, path: Path, *, tolerance: float) -
         errors, max_abs = {}, {}
         for name, a, e in zip(comp.output_names, actual, expected):
             e = e.float().numpy()
-            if a.shape != e.shape:
+            declared = next(t.shape for t in comp.outputs if t.name == name)
+            expected_shape = tuple(sizes.get(d, n) if isinstance(d, str) else d for d, n in zip(declared, a.shape))
+            if a.shape != e.shape or a.shape != expected_shape or len(declared) != a.ndim:
                 raise ExportError(
-                    f"component {comp.name!r}: output {name!r} has shape {a.shape} in ONNX Runtime but {e.shape} in "
-                    f"PyTorch for input sizes {sizes}; a dynamic axis was traced as a constant"
+                    f"component {comp.name!r}: output {name!r} has shape {a.shape} in ONNX Runtime, {e.shape} in "
+                    f"PyTorch, declared {declared}, for input sizes {sizes}; a dynamic axis was traced as a constant "
+                    "or the output template is wrong"
                 )
             if not np.isfinite(a).all():
                 raise ExportError(f"component {comp.name!r}: output {name!r} has NaN/Inf in ONNX Runtime for sizes {sizes}")

@@ -70,6 +70,8 @@ def flow_match_sigmas(config: FlowMatchEulerConfig, num_inference_steps: int, mu
     """
     if num_inference_steps < 1:
         raise InputError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    if config.shift_terminal and num_inference_steps < 2:
+        raise InputError("a schedule stretched to shift_terminal needs num_inference_steps >= 2 (diffusers gives NaN)")
     if config.use_dynamic_shifting and mu is None:
         raise InputError("this scheduler uses dynamic shifting: pass mu (see calculate_mu)")
     T = config.num_train_timesteps

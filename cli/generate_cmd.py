@@ -1,0 +1,55 @@
+"""`latentrt generate BUNDLE --prompt ... -o out.png`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from latentrt.cli.format import echo_table, timing_rows
+
+
+@click.command("generate")
+@click.argument("bundle", type=click.Path())
+@click.option("-p", "--prompt", required=True, multiple=True, help="Prompt (repeat for several).")
+@click.option("-o", "--output", required=True, type=click.Path(), help="PNG path; several images get _0, _1, ... suffixes.")
+@click.option("-n", "--negative-prompt", default=None, help="Negative prompt for classifier-free guidance.")
+@click.option("--steps", type=int, default=None, help="Denoising steps (default: the bundle's).")
+@click.option("--guidance", type=float, default=None, help="Guidance scale; <= 1 disables guidance.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--height", type=int, default=None)
+@click.option("--width", type=int, default=None)
+@click.option("--num-images", type=int, default=1, show_default=True, help="Images per prompt.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
+def command(bundle, prompt, output, negative_prompt, steps, guidance, seed, height, width, num_images, backend) -> None:
+    """Generate images from BUNDLE and print the per-stage timing table."""
+    from tqdm import tqdm
+
+    from latentrt.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(bundle, backend=backend)
+    total = steps or pipe.manifest.defaults.num_inference_steps
+    with tqdm(total=total, desc="denoising", unit="step", leave=False) as bar:
+        out = pipe(
+            list(prompt),
+            negative_prompt=negative_prompt,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=height,
+            width=width,
+            num_images_per_prompt=num_images,
+            seed=seed,
+            callback=lambda i, n: bar.update(1),
+        )
+    paths = _output_paths(Path(output), len(out.images))
+    for image, path in zip(out.images, paths):
+        image.save(path)
+    echo_table(("stage", "ms"), timing_rows(out.timings))
+    for path in paths:
+        click.echo(f"wrote {path}")
+
+
+def _output_paths(output: Path, count: int) -> list[Path]:
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}_{i}{output.suffix or '.png'}") for i in range(count)]

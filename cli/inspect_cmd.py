@@ -1,0 +1,45 @@
+"""`latentrt inspect BUNDLE`."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from latentrt.cli.format import echo_table
+
+
+def _shape(spec) -> str:
+    return f"{spec.name}[{','.join(str(d) for d in spec.shape)}] {spec.dtype}"
+
+
+@click.command("inspect")
+@click.argument("bundle", type=click.Path())
+def command(bundle: str) -> None:
+    """Print a readable summary of BUNDLE's manifest (and verify its files)."""
+    from latentrt.runtime.manifest import load_manifest
+
+    m = load_manifest(bundle)
+    click.echo(f"bundle:    {bundle}")
+    click.echo(f"family:    {m.family}   (schema {m.schema_version}, latentrt {m.latentrt_version}, source {m.source})")
+    lat = m.latent
+    click.echo(
+        f"latents:   {lat.channels} channels, /{lat.vae_scale_factor}, decoder input = latents / {lat.scaling_factor} + {lat.shift_factor}"
+    )
+    d = m.defaults
+    click.echo(
+        f"defaults:  {d.height}x{d.width}, {d.num_inference_steps} steps, guidance {d.guidance_scale}, T5 length {d.max_sequence_length}"
+    )
+    click.echo(f"scheduler: {m.scheduler.get('class_name')} (shift {m.scheduler.get('config', {}).get('shift')})")
+    click.echo("")
+    rows = []
+    for name, c in m.components.items():
+        size = os.path.getsize(os.path.join(bundle, c.file)) + sum(os.path.getsize(os.path.join(bundle, f)) for f in c.external_data)
+        worst = max((max(v.rel_l2.values()) for v in c.validation), default=float("nan"))
+        rows.append((name, c.precision, f"{size / 2**20:.1f} MiB", f"{worst:.1e}", "; ".join(_shape(s) for s in c.inputs)))
+    echo_table(("component", "precision", "size", "rel. L2", "inputs"), rows)
+    click.echo("")
+    axes = [(name, axis, f"{r.min}..{r.max} (opt {r.opt}, x{r.multiple_of})") for name, c in m.components.items() for axis, r in c.axes.items()]
+    echo_table(("component", "axis", "range"), axes)
+    click.echo("")
+    echo_table(("tokenizer", "file", "max length", "pad id"), [(n, t.file, t.max_length, t.pad_id) for n, t in m.tokenizers.items()])

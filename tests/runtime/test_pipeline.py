@@ -1,0 +1,76 @@
+"""Pipeline behaviour that does not need a reference: determinism, argument checks, no torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from latentrt.errors import InputError
+from latentrt.runtime.pipeline import Pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sd3_bundle):
+    return Pipeline.load(tiny_sd3_bundle)
+
+
+def test_same_seed_same_image_bit_for_bit(pipe):
+    a = pipe("a red cat", num_inference_steps=3, seed=11)
+    b = pipe("a red cat", num_inference_steps=3, seed=11)
+    c = pipe("a red cat", num_inference_steps=3, seed=12)
+    np.testing.assert_array_equal(a.pixels, b.pixels)
+    assert np.abs(a.pixels - c.pixels).max() > 1e-3
+
+
+def test_outputs_and_timings(pipe):
+    out = pipe(["a red cat", "a blue dog"], num_inference_steps=3, num_images_per_prompt=2, height=64, width=96, seed=0)
+    assert out.pixels.shape == (4, 64, 96, 3) and out.pixels.dtype == np.float32
+    assert 0.0 <= out.pixels.min() and out.pixels.max() <= 1.0
+    assert [im.size for im in out.images] == [(96, 64)] * 4
+    assert len(out.timings["denoising_steps"]) == 3
+    assert out.timings["total"] >= out.timings["text_encoding"] + sum(out.timings["denoising_steps"]) + out.timings["vae_decode"]
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(height=100), "height 100 is not valid.*multiple of 16.*nearest valid height is 96"),
+        (dict(width=8), "width 8 is not valid.*between 32 and 768.*nearest valid width is 32"),
+        (dict(height=1024), "height 1024 is not valid.*nearest valid height is 768"),
+        (dict(num_inference_steps=0), "num_inference_steps must be >= 1"),
+        (dict(num_images_per_prompt=5), "denoiser batch of 10.*at most 8"),
+        (dict(latents=np.zeros((1, 4, 16, 16), np.float32)), r"latents have shape \(1, 4, 16, 16\), expected \(1, 16, 16, 16\)"),
+        (dict(negative_prompt=["a", "b"]), "2 negative prompts for 1 prompts"),
+    ],
+)
+def test_bad_arguments(pipe, kwargs, message):
+    with pytest.raises(InputError, match=message):
+        pipe("a red cat", **kwargs)
+
+
+def test_runtime_never_imports_torch(tiny_sd3_bundle):
+    """Generate in a subprocess where importing torch, diffusers or transformers fails."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "diffusers", "transformers"):
+                    raise ImportError("blocked: " + name)
+
+        sys.meta_path.insert(0, Block())
+        from latentrt import Pipeline
+        out = Pipeline.load({str(tiny_sd3_bundle)!r})("a red cat", num_inference_steps=2, seed=0)
+        assert out.pixels.shape == (1, 128, 128, 3)
+        assert not any(m.split(".")[0] in ("torch", "diffusers", "transformers") for m in sys.modules)
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
