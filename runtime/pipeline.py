@@ -129,8 +129,8 @@ class Pipeline:
 
         Args:
             prompt: one prompt or a list.
-            negative_prompt: used as the unconditional prompt for classifier-free guidance
-                (default ""); ignored when `guidance_scale <= 1`.
+            negative_prompt: the unconditional prompt for classifier-free guidance (default: the
+                family's, "" for most); ignored when guidance is off.
             num_inference_steps, guidance_scale, height, width, max_sequence_length: default to the
                 manifest's `defaults`.
             seed: seeds numpy's default generator for the initial latents (same seed, same image).
@@ -154,45 +154,48 @@ class Pipeline:
             raise InputError("prompt is empty: pass a string or a non-empty list of strings")
         latent_h, latent_w = self._latent_size(height, width)
         n = len(prompts) * num_images_per_prompt
-        shape = (n, self.manifest.latent.channels, latent_h, latent_w)
-        cfg = guidance > 1.0
-
+        family = self.family
+        shape = family.latent_shape(n, latent_h, latent_w)
+        cfg = family.uses_cfg(guidance)
+        self._check_batch(2 * n if cfg else n)
         if latents is None:
             latents = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
         elif latents.shape != shape:
             raise InputError(f"latents have shape {latents.shape}, expected {shape} for {n} images of {height}x{width}")
         latents = np.asarray(latents, dtype=np.float32)
-        self._check_batch(2 * n if cfg else n)
 
-        # 1. Encode prompts; with guidance the negative prompts are batched first, as in diffusers.
-        text = [p for p in prompts for _ in range(num_images_per_prompt)]
-        if cfg:
-            negatives = _broadcast_negative(negative_prompt, len(prompts))
-            text = [p for p in negatives for _ in range(num_images_per_prompt)] + text
+        # 1. Encode prompts (negatives batched first with guidance, as in diffusers).
         t0 = time.perf_counter()
-        cond = self.family.encode_prompts(text, max_sequence_length=seq_len)
+        negatives = _broadcast_negative(negative_prompt, len(prompts)) if cfg else None
+        cond = family.conditioning(
+            _repeat(prompts, num_images_per_prompt),
+            None if negatives is None else _repeat(negatives, num_images_per_prompt),
+            cfg=cfg,
+            height=height,
+            width=width,
+            max_sequence_length=seq_len,
+        )
         timings: dict = {"text_encoding": time.perf_counter() - t0, "denoising_steps": []}
 
         # 2. Denoise.
-        sigmas, timesteps = self.family.schedule(steps, latent_h, latent_w)
-        denoiser = self.engines[self.family.denoiser]
-        for i, t in enumerate(timesteps):
+        schedule = family.schedule(steps, latent_h, latent_w)
+        latents = latents * np.float32(schedule.init_noise_sigma)
+        denoiser = self.engines[family.denoiser]
+        for i, t in enumerate(schedule.timesteps):
             t0 = time.perf_counter()
-            model_in = np.concatenate([latents, latents]) if cfg else latents
-            out = denoiser(self.family.denoiser_feeds(model_in, t, cond))["sample"]
+            model_in = schedule.scale_model_input(np.concatenate([latents, latents]) if cfg else latents, i)
+            out = family.model_output(denoiser(family.denoiser_feeds(model_in, t, cond, guidance)))
             if cfg:
                 uncond, text_out = out[:n], out[n:]
                 out = uncond + guidance * (text_out - uncond)
-            latents = self.family.step(latents, out, sigmas[i], sigmas[i + 1])
+            latents = schedule.step(out, i, latents)
             timings["denoising_steps"].append(time.perf_counter() - t0)
             if callback:
                 callback(i + 1, steps)
 
         # 3. Decode.
         t0 = time.perf_counter()
-        latent = self.manifest.latent
-        decoder_in = (latents / np.float32(latent.scaling_factor) + np.float32(latent.shift_factor)).astype(np.float32)
-        decoded = self.engines["vae_decoder"]({"latent_sample": decoder_in})["sample"]
+        decoded = self.engines["vae_decoder"]({"latent_sample": family.decoder_input(latents, latent_h, latent_w)})["sample"]
         timings["vae_decode"] = time.perf_counter() - t0
         pixels = np.clip(decoded / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
         timings["total"] = time.perf_counter() - start
@@ -205,6 +208,10 @@ class Pipeline:
                 f"this call needs a denoiser batch of {batch} (images x 2 with guidance), but the bundle was exported "
                 f"for at most {axis.max}; generate fewer images per call or re-export with a larger --max-batch"
             )
+
+
+def _repeat(items: list[str], times: int) -> list[str]:
+    return [item for item in items for _ in range(times)]
 
 
 def _broadcast_negative(negative_prompt: str | list[str] | None, count: int) -> list[str]:

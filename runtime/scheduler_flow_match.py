@@ -61,12 +61,16 @@ def _time_shift(config: FlowMatchEulerConfig, mu: float, t: np.ndarray) -> np.nd
     return mu / (mu + (1 / t - 1) ** 1.0)
 
 
-def flow_match_sigmas(config: FlowMatchEulerConfig, num_inference_steps: int, mu: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def flow_match_sigmas(
+    config: FlowMatchEulerConfig, num_inference_steps: int, mu: float | None = None, sigmas: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The sampling schedule: `sigmas` [steps + 1] float32 ending in 0, and `timesteps` [steps] float32 (= sigma * T).
 
     Args:
         num_inference_steps: number of denoising steps, >= 1.
         mu: the dynamic shift; required when `config.use_dynamic_shifting`.
+        sigmas: custom unshifted sigmas [steps] (Flux passes linspace(1, 1/steps, steps)); they are
+            shifted like the default ones.
     """
     if num_inference_steps < 1:
         raise InputError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
@@ -81,8 +85,11 @@ def flow_match_sigmas(config: FlowMatchEulerConfig, num_inference_steps: int, mu
         s = np.float32(config.shift)
         train_sigmas = s * train_sigmas / (1 + (s - 1) * train_sigmas)
     sigma_max, sigma_min = float(train_sigmas[0]), float(train_sigmas[-1])
-    # 2. Evenly spaced timesteps between them, in float64.
-    sigmas = np.linspace(sigma_max * T, sigma_min * T, num_inference_steps) / T
+    # 2. Evenly spaced timesteps between them, in float64 (or the caller's sigmas, in float32).
+    if sigmas is None:
+        sigmas = np.linspace(sigma_max * T, sigma_min * T, num_inference_steps) / T
+    else:
+        sigmas = np.asarray(sigmas, dtype=np.float32)
     # 3. Shift: resolution-dependent or static.
     if config.use_dynamic_shifting:
         sigmas = _time_shift(config, mu, sigmas)
@@ -102,3 +109,18 @@ def flow_match_step(sample: np.ndarray, velocity: np.ndarray, sigma: float, sigm
     """One Euler step of the probability-flow ODE: `x_next = x + (sigma_next - sigma) * v` (float32)."""
     dt = np.float32(sigma_next) - np.float32(sigma)
     return sample.astype(np.float32, copy=False) + dt * velocity.astype(np.float32, copy=False)
+
+
+@dataclass(frozen=True)
+class FlowMatchSchedule:
+    """A flow-matching sampling schedule; see `runtime/schedulers.py` for the protocol."""
+
+    sigmas: np.ndarray
+    timesteps: np.ndarray
+    init_noise_sigma: float = 1.0
+
+    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
+        return sample
+
+    def step(self, model_output: np.ndarray, i: int, sample: np.ndarray) -> np.ndarray:
+        return flow_match_step(sample, model_output, self.sigmas[i], self.sigmas[i + 1])

@@ -43,6 +43,6 @@ def test_images_match_diffusers(reference, tiny_sd3_bundle, kwargs):
 def test_prompt_encoding_matches_diffusers(reference, tiny_sd3_bundle):
     prompts = ["", "a photo of a large purple mountain in the snow"]
     embeds, _, pooled, _ = reference.encode_prompt(prompts, prompts, prompts, do_classifier_free_guidance=False, max_sequence_length=256)
-    cond = Pipeline.load(tiny_sd3_bundle).family.encode_prompts(prompts, max_sequence_length=256)
+    cond = Pipeline.load(tiny_sd3_bundle).family.conditioning(prompts, None, cfg=False, height=128, width=128, max_sequence_length=256)
     np.testing.assert_allclose(cond["encoder_hidden_states"], embeds.detach().numpy(), atol=1e-5)
     np.testing.assert_allclose(cond["pooled_projections"], pooled.detach().numpy(), atol=1e-5)
