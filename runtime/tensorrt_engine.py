@@ -432,6 +432,8 @@ def load_tensorrt_engines(bundle: str | os.PathLike, manifest: Manifest, *, devi
     """
     from latentrt.engines.library import current_compute_capability
 
+    for name in manifest.components:  # a missing engine is reported before any CUDA call
+        select_engine(bundle, manifest, name)
     cc = current_compute_capability(device)
     records = {name: select_engine(bundle, manifest, name, compute_capability=cc) for name in manifest.components}
     engines = {}

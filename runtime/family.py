@@ -1,0 +1,67 @@
+"""The family protocol: what differs between pipeline families at run time.
+
+The sampling loop in runtime/pipeline.py is the same for every family. It asks the family named in
+the manifest (`runtime/families.py` maps names to classes) for:
+
+- `conditioning(prompts, negatives, cfg=...)`: the denoiser's text conditioning; with classifier-free
+  guidance the negatives (None when the user gave none) are batched first;
+- `latent_shape(n, h, w)`: the initial latents' shape, in the denoiser's layout;
+- `schedule(steps, h, w)`: the numpy scheduler's `Schedule` (runtime/schedulers.py);
+- `denoiser_feeds(x, t, cond, guidance_scale)` and `model_output(outputs)`: one denoiser call;
+- `decoder_input(latents, h, w)`: what the VAE decoder reads;
+- `uses_cfg(guidance_scale)`: whether uncond and cond are batched for classifier-free guidance.
+
+`Family` implements the common case (NCHW latents, `sample` output, CFG when guidance > 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from latentrt.errors import BundleError
+from latentrt.runtime.manifest import Manifest
+from latentrt.runtime.schedulers import Schedule, make_schedule
+from latentrt.runtime.tokenizer import PromptTokenizer
+
+Engine = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+class Family:
+    """Defaults shared by the families; subclasses override what differs."""
+
+    denoiser = "transformer"
+
+    def __init__(self, manifest: Manifest, engines: Mapping[str, Engine], tokenizers: Mapping[str, PromptTokenizer]) -> None:
+        self.manifest = manifest
+        self.engines = engines
+        self.tokenizers = tokenizers
+        try:
+            self.setup(manifest.conditioning)
+        except (KeyError, TypeError, ValueError) as err:
+            raise BundleError(
+                f"the manifest's {manifest.family} conditioning block is incomplete ({err!r}); re-export the bundle"
+            ) from err
+
+    def setup(self, conditioning: dict) -> None:
+        """Read the family's parameters from the manifest's `conditioning` block."""
+
+    def encode(self, component: str, tokenizer: str, prompts: list[str], max_length: int | None = None) -> dict[str, np.ndarray]:
+        return self.engines[component]({"input_ids": self.tokenizers[tokenizer](prompts, max_length)})
+
+    def uses_cfg(self, guidance_scale: float) -> bool:
+        return guidance_scale > 1.0
+
+    def latent_shape(self, n: int, latent_height: int, latent_width: int) -> tuple[int, ...]:
+        return (n, self.manifest.latent.channels, latent_height, latent_width)
+
+    def schedule(self, num_inference_steps: int, latent_height: int, latent_width: int) -> Schedule:
+        return make_schedule(self.manifest.scheduler, num_inference_steps)
+
+    def model_output(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
+        return outputs["sample"]
+
+    def decoder_input(self, latents: np.ndarray, latent_height: int, latent_width: int) -> np.ndarray:
+        latent = self.manifest.latent
+        return (latents / np.float32(latent.scaling_factor) + np.float32(latent.shift_factor)).astype(np.float32)
