@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +41,39 @@ def make_inputs(specs: tuple[TensorTemplate, ...], sizes: dict[str, int], seed: 
     return tensors
 
 
+def _rms_norm_symbolic(g, input, normalized_shape, weight, eps):
+    """aten::rms_norm (torch.nn.RMSNorm, e.g. Flux's q/k norms) decomposed for opsets below 23's RMSNormalization."""
+    from torch.onnx import symbolic_helper
+
+    dims = len(symbolic_helper._get_const(normalized_shape, "is", "normalized_shape"))
+    eps_value = symbolic_helper._get_const(eps, "f", "eps") if not symbolic_helper._is_none(eps) else None
+    if eps_value is None:
+        eps_value = torch.finfo(torch.float32).eps
+    axes = g.op("Constant", value_t=torch.tensor(list(range(-dims, 0)), dtype=torch.int64))
+    mean_square = g.op("ReduceMean", g.op("Mul", input, input), axes, keepdims_i=1)
+    rms = g.op("Sqrt", g.op("Add", mean_square, g.op("Constant", value_t=torch.tensor(eps_value, dtype=torch.float32))))
+    out = g.op("Div", input, rms)
+    return out if symbolic_helper._is_none(weight) else g.op("Mul", out, weight)
+
+
+@contextlib.contextmanager
+def _extra_symbolics(opset: int):
+    """Register symbolics the TorchScript exporter lacks, only for the duration of one export."""
+    torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, opset)
+    try:
+        yield
+    finally:
+        torch.onnx.unregister_custom_op_symbolic("aten::rms_norm", opset)
+
+
+def _dynamic_shapes(comp: ComponentExport) -> tuple[dict[int, Any], ...]:
+    """torch.export dims from the component's named axes; inputs sharing an axis name share one Dim."""
+    dims: dict[str, Any] = {}
+    for name, axis in comp.axes.items():
+        dims[name] = torch.export.Dim(name, min=axis.min, max=axis.max)
+    return tuple({i: dims[d] for i, d in enumerate(spec.shape) if isinstance(d, str)} for spec in comp.inputs)
+
+
 def parameter_bytes(module: torch.nn.Module) -> int:
     tensors = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
     return sum(t.numel() * t.element_size() for t in tensors.values())
@@ -57,22 +92,27 @@ def export_component(comp: ComponentExport, path: Path, *, opset: int = 18) -> l
     }
     large = parameter_bytes(comp.module) > EXTERNAL_DATA_THRESHOLD
     # Trace into a scratch folder: the TorchScript exporter writes one file per tensor for large models.
-    with tempfile.TemporaryDirectory(dir=path.parent) as scratch, torch.no_grad(), warnings.catch_warnings():
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch, torch.no_grad(), warnings.catch_warnings(), _extra_symbolics(opset):
         warnings.simplefilter("ignore")  # TracerWarnings about python ints from shapes; validation catches real issues
         traced = Path(scratch) / "model.onnx"
+        names = dict(input_names=[s.name for s in comp.inputs], output_names=list(comp.output_names), opset_version=opset)
         try:
-            torch.onnx.export(
-                comp.module,
-                tuple(example.values()),
-                str(traced),
-                input_names=[s.name for s in comp.inputs],
-                output_names=list(comp.output_names),
-                dynamic_axes=dynamic_axes,
-                opset_version=opset,
-                do_constant_folding=True,
-                dynamo=False,
-            )
-        except Exception as err:  # the exporter raises many types; name the component
+            if comp.exporter == "dynamo":
+                program = torch.onnx.export(
+                    comp.module, tuple(example.values()), dynamic_shapes=_dynamic_shapes(comp), dynamo=True, verbose=False, **names
+                )
+                program.save(str(traced), external_data=True)
+            else:
+                torch.onnx.export(
+                    comp.module,
+                    tuple(example.values()),
+                    str(traced),
+                    dynamic_axes=dynamic_axes,
+                    do_constant_folding=True,
+                    dynamo=False,
+                    **names,
+                )
+        except Exception as err:  # the exporters raise many types; name the component
             raise ExportError(f"component {comp.name!r}: torch.onnx.export failed: {err}") from err
         model = onnx.load(str(traced), load_external_data=True)
     _declare_output_shapes(model, comp.outputs)

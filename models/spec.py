@@ -7,7 +7,7 @@ Each family module (models/sd3.py, ...) turns a loaded pipeline into a `FamilyEx
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from latentrt.runtime.manifest import AxisRange, Defaults, LatentSpec
 
@@ -43,6 +43,9 @@ class ComponentExport:
     axes: dict[str, AxisRange]
     trace_sizes: dict[str, int]
     validate_sizes: tuple[dict[str, int], ...]
+    # "torchscript" (fast, dynamic_axes) or "dynamo" (torch.export, for graphs whose shape
+    # arithmetic the TorchScript tracer folds into constants).
+    exporter: Literal["torchscript", "dynamo"] = "torchscript"
 
     @property
     def output_names(self) -> tuple[str, ...]:

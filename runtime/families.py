@@ -7,6 +7,7 @@ runtime/family.py's protocol); the sampling loop in runtime/pipeline.py never br
 from __future__ import annotations
 
 from latentrt.runtime.family import Family
+from latentrt.runtime.family_flux import Flux
 from latentrt.runtime.family_sd3 import SD3
 
-FAMILIES: dict[str, type[Family]] = {"sd3": SD3}
+FAMILIES: dict[str, type[Family]] = {"sd3": SD3, "flux": Flux}

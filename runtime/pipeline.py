@@ -98,7 +98,7 @@ class Pipeline:
 
     def _latent_size(self, height: int, width: int) -> tuple[int, int]:
         vae = self.manifest.latent.vae_scale_factor
-        axes = self.manifest.components[self.family.denoiser].axes
+        axes = self.manifest.components["vae_decoder"].axes  # NCHW latents in every family
         sizes = []
         for what, pixels, axis in (("height", height, axes["latent_height"]), ("width", width, axes["latent_width"])):
             step = vae * axis.multiple_of
