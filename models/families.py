@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from latentrt.errors import InputError
-from latentrt.models import flux, sd3
+from latentrt.models import flux, pixart, sd3
 from latentrt.models.spec import FamilyExport
 
 
@@ -22,6 +22,8 @@ class Family:
 FAMILIES = {
     "StableDiffusion3Pipeline": Family("sd3", sd3.REQUIRED, sd3.OPTIONAL, sd3.sd3_export),
     "FluxPipeline": Family("flux", flux.REQUIRED, flux.OPTIONAL, flux.flux_export),
+    "PixArtAlphaPipeline": Family("pixart", pixart.REQUIRED, pixart.OPTIONAL, pixart.pixart_export),
+    "PixArtSigmaPipeline": Family("pixart", pixart.REQUIRED, pixart.OPTIONAL, pixart.pixart_export),
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from latentrt.runtime.family import Family
 from latentrt.runtime.family_flux import Flux
+from latentrt.runtime.family_pixart import PixArt
 from latentrt.runtime.family_sd3 import SD3
 
-FAMILIES: dict[str, type[Family]] = {"sd3": SD3, "flux": Flux}
+FAMILIES: dict[str, type[Family]] = {"sd3": SD3, "flux": Flux, "pixart": PixArt}

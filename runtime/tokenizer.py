@@ -31,10 +31,15 @@ class PromptTokenizer:
 
     def __call__(self, prompts: list[str], max_length: int | None = None) -> np.ndarray:
         """Token ids [len(prompts), length] int64, `length` = `max_length` or the tokenizer's default."""
+        return self.with_mask(prompts, max_length)[0]
+
+    def with_mask(self, prompts: list[str], max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and the attention mask (1 for tokens, 0 for padding), both [len(prompts), length] int64."""
         length = self.max_length if max_length is None else max_length
         ids = np.full((len(prompts), length), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(prompts), length), dtype=np.int64)
         if length == 0:
-            return ids
+            return ids, mask
         self._truncating.enable_truncation(length)
         for row, (full, cut) in enumerate(zip(self._full.encode_batch(prompts), self._truncating.encode_batch(prompts))):
             if len(full.ids) > length:
@@ -42,7 +47,8 @@ class PromptTokenizer:
                 dropped = self._full.decode(full.ids[len(cut.ids) - tail : len(full.ids) - tail])
                 logger.warning("prompt %d is longer than %d tokens and was truncated; dropped: %r", row, length, dropped)
             ids[row, : len(cut.ids)] = cut.ids
-        return ids
+            mask[row, : len(cut.ids)] = 1
+        return ids, mask
 
 
 def _trailing(mask: list[int]):
