@@ -17,7 +17,7 @@ from latentrt.models import flux, pixart, sd3
 
 
 # Each family module builds its own tiny preset.
-PRESETS: dict[str, Callable[[Path, int], None]] = {"tiny-sd3": sd3.build_tiny, "tiny-flux": flux.build_tiny, "tiny-pixart": pixart.build_tiny}
+PRESETS: dict[str, Callable[[Path, int], None]] = {"tiny-sd3": sd3.build_tiny, "bench-sd3": sd3.build_bench, "tiny-flux": flux.build_tiny, "tiny-pixart": pixart.build_tiny}
 
 
 def save_preset(name: str, directory: str | os.PathLike, *, seed: int = 0) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from latentrt.models.loader import LoadedPipeline
@@ -198,8 +199,38 @@ def sd3_export(pipe: LoadedPipeline, *, max_batch: int = 4, max_sequence_length:
     )
 
 
+@dataclass(frozen=True)
+class SD3Sizes:
+    """The knobs of a small SD3-architecture pipeline (the real classes, fewer and narrower layers)."""
+
+    clip_widths: tuple[int, int] = (32, 48)
+    clip_layers: int = 3
+    t5_width: int = 96
+    t5_layers: int = 2
+    dit_layers: int = 2
+    dit_heads: int = 4
+    dit_head_dim: int = 16
+    sample_size: int = 16  # latent pixels a side by default
+    vae_channels: tuple[int, ...] = (8, 16, 16, 16)
+
+
+TINY = SD3Sizes()
+# benchmarks/: ~9M-parameter MMDiT at 256x256 (32x32 latents, 256 image tokens), so the denoiser dominates.
+BENCH = SD3Sizes(clip_widths=(64, 96), clip_layers=4, t5_width=256, t5_layers=4, dit_layers=8, dit_heads=8, dit_head_dim=32, sample_size=32, vae_channels=(16, 32, 32, 32))
+
+
 def build_tiny(directory: Path, seed: int) -> None:
     """tiny-sd3: the real SD3 classes (2 CLIPs with projection, T5, MMDiT, 16-channel VAE), small configs."""
+    build(directory, seed, TINY)
+
+
+def build_bench(directory: Path, seed: int) -> None:
+    """bench-sd3: the fixed benchmark pipeline of benchmarks/ (several million parameters, 256x256)."""
+    build(directory, seed, BENCH)
+
+
+def build(directory: Path, seed: int, sizes: SD3Sizes) -> None:
+    """Write an SD3-architecture pipeline with random weights from `seed` to `directory`."""
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast, T5Config, T5EncoderModel
@@ -215,7 +246,7 @@ def build_tiny(directory: Path, seed: int) -> None:
             hidden_size=hidden,
             intermediate_size=2 * hidden,
             projection_dim=projection,
-            num_hidden_layers=3,
+            num_hidden_layers=sizes.clip_layers,
             num_attention_heads=4,
             max_position_embeddings=77,
             hidden_act="gelu",
@@ -226,15 +257,15 @@ def build_tiny(directory: Path, seed: int) -> None:
         return CLIPTextModelWithProjection(config)
 
     torch.manual_seed(seed)
-    text_encoder = clip(hidden=32, projection=32)
-    text_encoder_2 = clip(hidden=48, projection=48)
+    text_encoder = clip(hidden=sizes.clip_widths[0], projection=sizes.clip_widths[0])
+    text_encoder_2 = clip(hidden=sizes.clip_widths[1], projection=sizes.clip_widths[1])
     text_encoder_3 = T5EncoderModel(
         T5Config(
             vocab_size=t5_tok.get_vocab_size(),
-            d_model=96,
+            d_model=sizes.t5_width,
             d_kv=16,
-            d_ff=192,
-            num_layers=2,
+            d_ff=2 * sizes.t5_width,
+            num_layers=sizes.t5_layers,
             num_heads=4,
             relative_attention_num_buckets=8,
             feed_forward_proj="gated-gelu",
@@ -244,28 +275,28 @@ def build_tiny(directory: Path, seed: int) -> None:
         )
     )
     transformer = SD3Transformer2DModel(
-        sample_size=16,
+        sample_size=sizes.sample_size,
         patch_size=2,
         in_channels=16,
         out_channels=16,
-        num_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=4,
-        joint_attention_dim=96,
-        caption_projection_dim=64,
-        pooled_projection_dim=80,
-        pos_embed_max_size=48,
+        num_layers=sizes.dit_layers,
+        attention_head_dim=sizes.dit_head_dim,
+        num_attention_heads=sizes.dit_heads,
+        joint_attention_dim=sizes.t5_width,
+        caption_projection_dim=sizes.dit_heads * sizes.dit_head_dim,
+        pooled_projection_dim=sum(sizes.clip_widths),
+        pos_embed_max_size=3 * sizes.sample_size,
     )
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * len(sizes.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(sizes.vae_channels),
+        block_out_channels=sizes.vae_channels,
         layers_per_block=1,
         latent_channels=16,
         norm_num_groups=4,
-        sample_size=128,
+        sample_size=sizes.sample_size * 2 ** (len(sizes.vae_channels) - 1),
         scaling_factor=1.5305,
         shift_factor=0.0609,
         use_quant_conv=False,
