@@ -43,3 +43,24 @@ def command(bundle: str) -> None:
     echo_table(("component", "axis", "range"), axes)
     click.echo("")
     echo_table(("tokenizer", "file", "max length", "pad id"), [(n, t.file, t.max_length, t.pad_id) for n, t in m.tokenizers.items()])
+
+    from latentrt.engines import inspect_engines
+
+    statuses = inspect_engines(bundle)
+    click.echo("")
+    if not statuses:
+        click.echo("engines:   none built (latentrt build BUNDLE)")
+        return
+    echo_table(
+        ("engine", "status", "target", "compute capability", "why"),
+        [
+            (
+                s.path.name,
+                s.status,
+                s.record.spec.library if s.record else "",
+                ",".join(s.record.spec.compute_capabilities) if s.record else "",
+                "; ".join(s.reasons),
+            )
+            for s in statuses
+        ],
+    )

@@ -55,3 +55,20 @@ def test_generate_rejects_bad_size_and_steps(tiny_sd3_bundle, tmp_path, capsys):
     assert main(["generate", str(tiny_sd3_bundle), "-p", "x", "-o", str(tmp_path / "x.png"), "--steps", "0"]) == 2
     assert "num_inference_steps must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_build_then_cached_then_inspect(tiny_sd3_bundle, tmp_path, capsys):
+    pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX wheels (tensorrt-rtx-cu13-*) are not installed")
+    import shutil
+
+    bundle = shutil.copytree(tiny_sd3_bundle, tmp_path / "bundle")
+    args = ["build", str(bundle), "--components", "text_encoder", "--compute-capability", "8.9", "--batch", "1:1:2"]
+    assert main(args) == 0
+    assert "text_encoder    built" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "text_encoder    cached" in capsys.readouterr().out
+    assert main(["inspect", str(bundle)]) == 0
+    out = capsys.readouterr().out
+    assert "current  tensorrt-rtx  8.9" in out
+    assert main(["build", str(bundle), "--static", "100x100"]) == 2
+    assert "nearest valid: 96 or 112" in capsys.readouterr().err
