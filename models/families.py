@@ -8,6 +8,7 @@ from pathlib import Path
 
 from latentrt.errors import InputError
 from latentrt.models import flux, pixart, sd3
+from latentrt.models import unet
 from latentrt.models.spec import FamilyExport
 
 
@@ -21,6 +22,8 @@ class Family:
 
 FAMILIES = {
     "StableDiffusion3Pipeline": Family("sd3", sd3.REQUIRED, sd3.OPTIONAL, sd3.sd3_export),
+    "StableDiffusionPipeline": Family("sd15", unet.SD15_REQUIRED, unet.OPTIONAL, unet.sd15_export),
+    "StableDiffusionXLPipeline": Family("sdxl", unet.SDXL_REQUIRED, unet.OPTIONAL, unet.sdxl_export),
     "FluxPipeline": Family("flux", flux.REQUIRED, flux.OPTIONAL, flux.flux_export),
     "PixArtAlphaPipeline": Family("pixart", pixart.REQUIRED, pixart.OPTIONAL, pixart.pixart_export),
     "PixArtSigmaPipeline": Family("pixart", pixart.REQUIRED, pixart.OPTIONAL, pixart.pixart_export),

@@ -181,7 +181,9 @@ def build_tiny(directory: Path, seed: int) -> None:
         norm_num_groups=4,
         sample_size=64,
     )
-    scheduler = DDIMScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, timestep_spacing="leading", steps_offset=1)
+    scheduler = DDIMScheduler(
+        beta_schedule="linear", beta_start=0.0001, beta_end=0.02, timestep_spacing="leading", steps_offset=1, clip_sample=False
+    )
     PixArtAlphaPipeline(
         tokenizer=PreTrainedTokenizerFast.from_pretrained(directory / "tokenizer"),
         text_encoder=text_encoder,

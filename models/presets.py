@@ -14,10 +14,11 @@ from pathlib import Path
 
 from latentrt.errors import InputError
 from latentrt.models import flux, pixart, sd3
+from latentrt.models import unet
 
 
 # Each family module builds its own tiny preset.
-PRESETS: dict[str, Callable[[Path, int], None]] = {"tiny-sd3": sd3.build_tiny, "bench-sd3": sd3.build_bench, "tiny-flux": flux.build_tiny, "tiny-pixart": pixart.build_tiny}
+PRESETS: dict[str, Callable[[Path, int], None]] = {"tiny-sd3": sd3.build_tiny, "bench-sd3": sd3.build_bench, "tiny-flux": flux.build_tiny, "tiny-pixart": pixart.build_tiny, "tiny-sd15": unet.build_tiny_sd15, "tiny-sdxl": unet.build_tiny_sdxl}
 
 
 def save_preset(name: str, directory: str | os.PathLike, *, seed: int = 0) -> Path:

@@ -10,5 +10,6 @@ from latentrt.runtime.family import Family
 from latentrt.runtime.family_flux import Flux
 from latentrt.runtime.family_pixart import PixArt
 from latentrt.runtime.family_sd3 import SD3
+from latentrt.runtime.family_unet import StableDiffusion, StableDiffusionXL
 
-FAMILIES: dict[str, type[Family]] = {"sd3": SD3, "flux": Flux, "pixart": PixArt}
+FAMILIES: dict[str, type[Family]] = {"sd3": SD3, "flux": Flux, "pixart": PixArt, "sd15": StableDiffusion, "sdxl": StableDiffusionXL}

@@ -166,7 +166,7 @@ class Pipeline:
 
         # 1. Encode prompts (negatives batched first with guidance, as in diffusers).
         t0 = time.perf_counter()
-        negatives = _broadcast_negative(negative_prompt, len(prompts)) if cfg else None
+        negatives = _broadcast_negative(negative_prompt, len(prompts)) if cfg and negative_prompt is not None else None
         cond = family.conditioning(
             _repeat(prompts, num_images_per_prompt),
             None if negatives is None else _repeat(negatives, num_images_per_prompt),
@@ -214,9 +214,7 @@ def _repeat(items: list[str], times: int) -> list[str]:
     return [item for item in items for _ in range(times)]
 
 
-def _broadcast_negative(negative_prompt: str | list[str] | None, count: int) -> list[str]:
-    if negative_prompt is None:
-        return [""] * count
+def _broadcast_negative(negative_prompt: str | list[str], count: int) -> list[str]:
     if isinstance(negative_prompt, str):
         return [negative_prompt] * count
     if len(negative_prompt) != count:

@@ -17,6 +17,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from latentrt.errors import BundleError
+from latentrt.runtime.scheduler_ddim import make_ddim_schedule
+from latentrt.runtime.scheduler_euler import make_euler_schedule
 from latentrt.runtime.scheduler_flow_match import FlowMatchEulerConfig, FlowMatchSchedule, flow_match_sigmas
 
 
@@ -34,7 +36,7 @@ def _flow_match(config: dict[str, Any], steps: int, mu: float | None, sigmas: np
     return FlowMatchSchedule(sig, timesteps)
 
 
-SCHEDULERS = {"FlowMatchEulerDiscreteScheduler": _flow_match}
+SCHEDULERS = {"FlowMatchEulerDiscreteScheduler": _flow_match, "EulerDiscreteScheduler": make_euler_schedule, "DDIMScheduler": make_ddim_schedule}
 
 
 def make_schedule(
