@@ -446,6 +446,16 @@ def _islands(graph, types, ranges, limit, keep_ops, softmax_input_limit, slots: 
         elif n.op_type in keep_ops:
             mark(n, _REASONS.get(n.op_type, "requested"))
 
+    # Subgraphs (If/Loop/Scan) stay fp32, and so do the outer tensors they read by name: their
+    # producers are kept fp32 so the subgraph's types still hold.
+    for n in graph.node:
+        for attr in n.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                for inner in sub.node:
+                    for t in inner.input:
+                        if t in producer and is_float(t):
+                            mark(producer[t], "subgraph")
+
     # Decomposed normalisations: ReduceMean(Pow(x, 2) or Mul(x, x)) ... Mul/Div(x, .)
     for n in graph.node:
         if n.op_type != "ReduceMean" or not is_float(n.output[0]):

@@ -101,6 +101,8 @@ class Component:
     opset: int = 18
     external_data: tuple[str, ...] = ()
     validation: tuple[Validation, ...] = ()
+    # fp16/bf16: what the precision pass kept in fp32 and why (export/precision.py's PrecisionReport).
+    precision_report: dict[str, Any] = field(default_factory=dict)
 
     def input(self, name: str) -> TensorSpec:
         for spec in self.inputs:
@@ -120,6 +122,7 @@ class Component:
             opset=d.get("opset", 18),
             external_data=tuple(d.get("external_data", ())),
             validation=tuple(Validation.from_dict(v) for v in d.get("validation", ())),
+            precision_report=d.get("precision_report", {}),
         )
 
 
