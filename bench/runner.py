@@ -1,0 +1,294 @@
+"""`run_bench`: one request through several backends, alternated, with per-stage statistics and the floor."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from latentrt.bench.flops import gemm_rate, onnx_flops
+from latentrt.errors import InputError, LatentRTError
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8", "tensorrt")
+STAGES = ("text_encoding", "denoising_step", "vae_decode", "end_to_end")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to benchmark.
+
+    Attributes:
+        source: the diffusers pipeline directory (or preset) the torch reference loads.
+        bundle: its latentrt bundle; exported into a temporary directory when None.
+        int8_bundle: the quantized bundle for the "onnxruntime-int8" backend.
+        backends: any of "torch", "onnxruntime", "onnxruntime-int8", "tensorrt".
+        height, width, guidance_scale: default to the bundle's defaults.
+        runs, warmup: timed and untimed repetitions per backend.
+        threads: intra-op threads per backend (0: the library's default, all cores).
+    """
+
+    source: str
+    bundle: str | None = None
+    int8_bundle: str | None = None
+    backends: tuple[str, ...] = ("torch", "onnxruntime")
+    prompt: str = "a large red circle on the left"
+    steps: int = 8
+    height: int | None = None
+    width: int | None = None
+    batch: int = 1
+    guidance_scale: float | None = None
+    runs: int = 3
+    warmup: int = 1
+    threads: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [b for b in self.backends if b not in BACKENDS]
+        if unknown:
+            raise InputError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+        if not self.backends:
+            raise InputError("no backends to benchmark")
+        if "onnxruntime-int8" in self.backends and not self.int8_bundle:
+            raise InputError("the onnxruntime-int8 backend needs --int8-bundle (a bundle written by `latentrt calibrate`)")
+        if self.steps < 1 or self.runs < 1 or self.warmup < 0 or self.batch < 1:
+            raise InputError(f"steps, runs and batch must be >= 1 and warmup >= 0 (got {self.steps}, {self.runs}, {self.batch}, {self.warmup})")
+
+
+@dataclass
+class BackendResult:
+    """Seconds per stage (median/min/max over runs), peak RSS, and comparisons with torch and the floor."""
+
+    backend: str
+    load_s: float
+    peak_rss_mb: float
+    stages: dict[str, dict[str, float]]
+    end_to_end_median_s: float
+    speedup_vs_torch: float | None = None
+    max_abs_diff_vs_torch: float | None = None
+    floor_fraction: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class BenchReport:
+    config: dict[str, Any]
+    machine: dict[str, Any]
+    flops: dict[str, float]
+    floor_s: dict[str, float]
+    backends: dict[str, BackendResult]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BenchReport:
+        return cls(**{**d, "backends": {k: BackendResult(**v) for k, v in d["backends"].items()}})
+
+    def to_markdown(self) -> str:
+        c, m = self.config, self.machine
+        lines = [
+            f"{c['steps']} steps, {c['height']}x{c['width']}, batch {c['batch']}, guidance {c['guidance_scale']}, "
+            f"{c['runs']} runs; {m['cpu']} ({m['cores']} cores), numpy GEMM {m['gemm_gflops']:.0f} GFLOP/s",
+            "",
+            "| backend | end to end (median, min-max) | text encoding | denoising step | VAE decode | speedup vs torch "
+            "| peak RSS | max abs diff vs torch | fraction of the floor (step) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in self.backends.values():
+            s = r.stages
+            e2e = s["end_to_end"]
+            lines.append(
+                f"| {r.backend} | {e2e['median']:.3f} s ({e2e['min']:.3f}-{e2e['max']:.3f}) "
+                f"| {s['text_encoding']['median'] * 1e3:.1f} ms | {s['denoising_step']['median'] * 1e3:.1f} ms "
+                f"| {s['vae_decode']['median'] * 1e3:.1f} ms | "
+                + (f"{r.speedup_vs_torch:.2f}x" if r.speedup_vs_torch else "-")
+                + f" | {r.peak_rss_mb:.0f} MB | "
+                + (f"{r.max_abs_diff_vs_torch:.1e}" if r.max_abs_diff_vs_torch is not None else "-")
+                + f" | {r.floor_fraction.get('denoising_step', float('nan')):.2f} |"
+            )
+        flops = ", ".join(f"{k} {v / 1e9:.2f} GFLOP" for k, v in self.flops.items())
+        lines += ["", f"FLOPs per call: {flops}; floor per stage at the GEMM rate: "
+                  + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.floor_s.items())]
+        return "\n".join(lines)
+
+
+class _Worker:
+    def __init__(self, backend: str, setup: dict[str, Any]) -> None:
+        self.backend = backend
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "latentrt.bench.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self.ready = self.ask(setup)
+
+    def ask(self, message: dict[str, Any]) -> dict[str, Any]:
+        self.proc.stdin.write(json.dumps(message) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise LatentRTError(f"the {self.backend} benchmark worker exited (code {self.proc.wait()}); run with --debug to see its error")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"median": float(np.median(values)), "min": float(np.min(values)), "max": float(np.max(values))}
+
+
+def run_bench(config: BenchConfig, *, progress: Callable[[str], None] | None = None) -> BenchReport:
+    """Run `config` and return the report (see BenchReport.to_markdown / to_dict)."""
+    from latentrt.runtime.families import FAMILIES
+    from latentrt.runtime.manifest import load_manifest
+
+    with tempfile.TemporaryDirectory(prefix="latentrt-bench-") as tmp:
+        tmp = Path(tmp)
+        source, bundle = _resolve(config, tmp)
+        manifest = load_manifest(bundle)
+        d = manifest.defaults
+        height, width = config.height or d.height, config.width or d.width
+        guidance = d.guidance_scale if config.guidance_scale is None else config.guidance_scale
+        family = FAMILIES[manifest.family](manifest, {}, {})
+        vae = manifest.latent.vae_scale_factor
+        latents = np.random.default_rng(config.seed).standard_normal(
+            family.latent_shape(config.batch, height // vae, width // vae), dtype=np.float32
+        )
+        np.save(tmp / "latents.npy", latents)
+        kwargs = {
+            "prompt": [config.prompt] * config.batch,
+            "num_inference_steps": config.steps,
+            "guidance_scale": guidance,
+            "height": height,
+            "width": width,
+            "max_sequence_length": d.max_sequence_length,
+        }
+        if progress:
+            progress("measuring the GEMM rate")
+        rate = gemm_rate()
+
+        workers: dict[str, _Worker] = {}
+        timings: dict[str, list[dict]] = {b: [] for b in config.backends}
+        try:
+            for backend in config.backends:
+                if progress:
+                    progress(f"loading {backend}")
+                workers[backend] = _Worker(
+                    backend,
+                    {
+                        "backend": backend,
+                        "source": str(source),
+                        "bundle": str(config.int8_bundle if backend == "onnxruntime-int8" else bundle),
+                        "threads": config.threads,
+                    },
+                )
+            replies: dict[str, dict] = {}
+            order = list(config.backends)
+            for rep in range(config.warmup + config.runs):
+                if progress:
+                    progress(f"repetition {rep + 1}/{config.warmup + config.runs}")
+                for backend in order:
+                    image = tmp / f"{backend}.npy"
+                    replies[backend] = workers[backend].ask({"kwargs": kwargs, "latents": str(tmp / "latents.npy"), "image": str(image)})
+                    if rep >= config.warmup:
+                        timings[backend].append(replies[backend]["timings"])
+                order = order[1:] + order[:1]  # rotate so no backend always runs first
+        finally:
+            for worker in workers.values():
+                worker.close()
+
+        images = {b: np.load(tmp / f"{b}.npy") for b in config.backends}
+        flops = _stage_flops(bundle, manifest, family, replies, config)
+
+    floor = {stage: f / rate for stage, f in flops.items()}
+    results = {}
+    for backend in config.backends:
+        runs = timings[backend]
+        stages = {
+            "text_encoding": _stats([t["text_encoding"] for t in runs]),
+            "denoising_step": _stats([float(np.median(t["denoising_steps"])) for t in runs]),
+            "vae_decode": _stats([t["vae_decode"] for t in runs]),
+            "end_to_end": _stats([t["total"] for t in runs]),
+        }
+        results[backend] = BackendResult(
+            backend=backend,
+            load_s=workers[backend].ready["load_s"],
+            peak_rss_mb=replies[backend]["peak_rss_mb"],
+            stages=stages,
+            end_to_end_median_s=stages["end_to_end"]["median"],
+            floor_fraction={s: floor[s] / stages[s]["median"] for s in floor if stages[s]["median"] > 0},
+        )
+    if "torch" in results:
+        reference = results["torch"].end_to_end_median_s
+        for backend, r in results.items():
+            r.speedup_vs_torch = reference / r.end_to_end_median_s
+            r.max_abs_diff_vs_torch = float(np.abs(images[backend] - images["torch"]).max())
+    machine = {
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "gemm_gflops": rate / 1e9,
+    }
+    report_config = {**asdict(config), "height": height, "width": width, "guidance_scale": guidance}
+    return BenchReport(config=report_config, machine=machine, flops=flops, floor_s=floor, backends=results)
+
+
+def _resolve(config: BenchConfig, tmp: Path) -> tuple[Path, Path]:
+    from latentrt.models.presets import PRESETS, save_preset
+
+    if config.source in PRESETS and not Path(config.source).exists():
+        source = save_preset(config.source, tmp / "source")
+    else:
+        source = Path(config.source)
+        if not (source / "model_index.json").is_file():
+            raise InputError(f"{config.source!r} is neither a preset nor a diffusers pipeline directory")
+    if config.bundle:
+        return source, Path(config.bundle)
+    from latentrt.export.pipeline import export_pipeline
+
+    export_pipeline(source, tmp / "bundle")
+    return source, tmp / "bundle"
+
+
+def _stage_flops(bundle: Path, manifest, family, replies: dict, config: BenchConfig) -> dict[str, float]:
+    """FLOPs per stage for one generation, from the shapes a latentrt worker saw."""
+    seen = next((r["shapes"] for b, r in replies.items() if b != "torch" and r.get("shapes")), None)
+    if not seen:
+        return {}
+    generations = config.warmup + config.runs
+    flops = {"text_encoding": 0.0, "denoising_step": 0.0, "vae_decode": 0.0}
+    for name, record in seen.items():
+        if "inputs" not in record:
+            continue
+        per_call = onnx_flops(bundle / manifest.components[name].file, record["inputs"])
+        calls = record["calls"] / generations
+        if name == family.denoiser:
+            flops["denoising_step"] += per_call
+        elif name == "vae_decoder":
+            flops["vae_decode"] += per_call * calls
+        else:
+            flops["text_encoding"] += per_call * calls
+    flops["end_to_end"] = flops["text_encoding"] + config.steps * flops["denoising_step"] + flops["vae_decode"]
+    return flops
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"

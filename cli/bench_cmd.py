@@ -1,0 +1,60 @@
+"""`latentrt bench SOURCE`: diffusers eager vs latentrt backends, alternated in one run."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command("bench")
+@click.argument("source")
+@click.option("--bundle", type=click.Path(), default=None, help="The latentrt bundle of SOURCE (exported if omitted).")
+@click.option("--int8-bundle", type=click.Path(), default=None, help="A bundle from `latentrt calibrate` for onnxruntime-int8.")
+@click.option("--backends", default="torch,onnxruntime", show_default=True, help="Comma-separated: torch, onnxruntime, onnxruntime-int8, tensorrt.")
+@click.option("--steps", type=int, default=8, show_default=True)
+@click.option("--size", default=None, help="HxW (default: the bundle's).")
+@click.option("--batch", type=int, default=1, show_default=True, help="Images per call.")
+@click.option("--guidance", type=float, default=None, help="Guidance scale (default: the bundle's).")
+@click.option("--prompt", default="a large red circle on the left", show_default=True)
+@click.option("--runs", type=int, default=3, show_default=True)
+@click.option("--warmup", type=int, default=1, show_default=True)
+@click.option("--threads", type=int, default=0, show_default=True, help="Intra-op threads per backend (0: all cores).")
+@click.option("--json", "json_path", type=click.Path(), default=None, help="Write the full report as JSON.")
+def command(source, bundle, int8_bundle, backends, steps, size, batch, guidance, prompt, runs, warmup, threads, json_path) -> None:
+    """Benchmark SOURCE: the same prompt, size, steps, guidance and initial latents through each backend.
+
+    Each backend runs in its own process (peak RSS is its own); repetitions alternate between
+    backends. Prints a markdown table: per-stage median/min/max, speedup and largest pixel
+    difference against diffusers in PyTorch, and the fraction of the FLOP floor reached.
+    """
+    from latentrt.bench import BenchConfig, run_bench
+    from latentrt.errors import InputError
+
+    height = width = None
+    if size:
+        try:
+            height, width = (int(v) for v in size.lower().split("x"))
+        except ValueError as err:
+            raise InputError(f"--size {size!r} must be HxW, for example 256x256") from err
+    config = BenchConfig(
+        source=source,
+        bundle=bundle,
+        int8_bundle=int8_bundle,
+        backends=tuple(b.strip() for b in backends.split(",") if b.strip()),
+        prompt=prompt,
+        steps=steps,
+        height=height,
+        width=width,
+        batch=batch,
+        guidance_scale=guidance,
+        runs=runs,
+        warmup=warmup,
+        threads=threads,
+    )
+    report = run_bench(config, progress=lambda msg: click.echo(msg, err=True))
+    click.echo(report.to_markdown())
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report.to_dict(), f, indent=2)
+        click.echo(f"wrote {json_path}")
