@@ -116,6 +116,8 @@ def export_component(comp: ComponentExport, path: Path, *, opset: int = 18) -> l
             raise ExportError(f"component {comp.name!r}: torch.onnx.export failed: {err}") from err
         model = onnx.load(str(traced), load_external_data=True)
     _declare_output_shapes(model, comp.outputs)
+    _fold_squeeze_ifs(model)
+    _integer_ranges(model)
     if large:
         data_name = path.name + ".data"
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
@@ -124,6 +126,78 @@ def export_component(comp: ComponentExport, path: Path, *, opset: int = 18) -> l
     onnx.save_model(model, str(path))
     onnx.checker.check_model(model)
     return []
+
+
+def _fold_squeeze_ifs(model) -> None:
+    """Replace `If(dim == 1) {Squeeze} else {Identity}` by Identity when only Reshapes read the result.
+
+    The TorchScript exporter writes `x.squeeze(k)` on a dynamic dim as that If, which TensorRT
+    rejects (it checks both branches). A Reshape to an explicit shape gives the same tensor whether
+    or not a size-1 axis was squeezed first (PixArt's unpatchify reshapes right after its squeeze).
+    """
+    import onnx
+
+    graph = model.graph
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    graph_outputs = {o.name for o in graph.output}
+    for node in list(graph.node):
+        if node.op_type != "If" or len(node.output) != 1:
+            continue
+        branches = {a.name: [n.op_type for n in a.g.node] for a in node.attribute}
+        if branches.get("then_branch", [])[-1:] != ["Squeeze"] or branches.get("else_branch") != ["Identity"]:
+            continue
+        out = node.output[0]
+        if out in graph_outputs or not all(c.op_type == "Reshape" and c.input[0] == out for c in consumers.get(out, [])):
+            continue
+        source = next(a.g for a in node.attribute if a.name == "else_branch").node[0].input[0]
+        index = list(graph.node).index(node)
+        graph.node.remove(node)
+        graph.node.insert(index, onnx.helper.make_node("Identity", [source], [out], name=node.name + "/folded"))
+
+
+def _integer_ranges(model) -> None:
+    """Rewrite float `Range(start, limit, 1)` with a constant integer start as Cast(Range over int64).
+
+    TensorRT-RTX's Myelin compiler rejects float Range ops (the sinusoidal position embeddings of
+    PixArt write `arange(n, dtype=float32)`); with delta 1 and an integer start, the int64 Range from
+    `start` to `ceil(limit)` has the same elements.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            constants[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    nodes = []
+    for n in graph.node:
+        start, delta = constants.get(n.input[0]) if n.op_type == "Range" else None, constants.get(n.input[2]) if n.op_type == "Range" else None
+        if (
+            n.op_type == "Range"
+            and start is not None
+            and delta is not None
+            and start.dtype == np.float32
+            and float(delta) == 1.0
+            and float(start).is_integer()
+        ):
+            p = n.name or n.output[0]
+            int64 = onnx.TensorProto.INT64
+            nodes += [
+                onnx.helper.make_node("Constant", [], [f"{p}/start_i"], value=numpy_helper.from_array(np.array(int(start), np.int64))),
+                onnx.helper.make_node("Constant", [], [f"{p}/delta_i"], value=numpy_helper.from_array(np.array(1, np.int64))),
+                onnx.helper.make_node("Ceil", [n.input[1]], [f"{p}/limit_ceil"]),
+                onnx.helper.make_node("Cast", [f"{p}/limit_ceil"], [f"{p}/limit_i"], to=int64),
+                onnx.helper.make_node("Range", [f"{p}/start_i", f"{p}/limit_i", f"{p}/delta_i"], [f"{p}/range_i"], name=p),
+                onnx.helper.make_node("Cast", [f"{p}/range_i"], list(n.output), to=onnx.TensorProto.FLOAT, name=p + "/to_float"),
+            ]
+        else:
+            nodes.append(n)
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _declare_output_shapes(model, templates) -> None:

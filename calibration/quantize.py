@@ -1,0 +1,360 @@
+"""`quantize_bundle`: a bundle -> a new bundle whose denoiser is an int8 or fp8 Q/DQ ONNX graph.
+
+1. Validate everything up front (bundle, prompts, options, opset) before writing anything.
+2. Select the layers: MatMul/Gemm/Conv with constant weights, minus the default and user exclusions
+   (graph.py); attention MatMuls and Softmax stay high precision.
+3. With SmoothQuant: collect per-channel max |x| of the linear layers' inputs over the trajectory,
+   fold the smoothing scales into the fp32 graph (smoothquant.py).
+4. Collect per-tensor histograms of the (smoothed) layers' inputs over the trajectory (collect.py)
+   and pick each range by percentile, entropy or minmax (histogram.py).
+5. Insert Q/DQ (qdq.py), write the ONNX, a TensorRT calibration cache next to it, and the manifest
+   with a `quantization` record in `extra`; the bundle is built in a temporary sibling directory and
+   renamed, so a failure leaves nothing behind.
+
+fp8 needs opset 19 (QuantizeLinear with a float8e4m3fn zero point). A component exported at opset
+18 is re-stamped to 19: the ops whose definitions changed between 18 and 19 (Cast, Reshape, Pad,
+Resize, Shape, Size, Equal, AveragePool, Identity, If/Loop/Scan, Constant, Q/DQ) only gained types,
+attributes or modes with defaults that keep opset-18 behaviour. Older opsets are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from latentrt._version import __version__
+from latentrt.calibration.collect import StatsCollector, TrajectorySettings, collect_statistics, tap_model
+from latentrt.calibration.graph import DEFAULT_EXCLUDES, GraphIndex, attention_matmuls, find_layers, select_layers
+from latentrt.calibration.histogram import DEFAULT_BINS, entropy_amax, percentile_amax
+from latentrt.calibration.prompts import default_prompts, load_prompts, prompts_sha256, select_prompts
+from latentrt.calibration.qdq import FP8_MIN_OPSET, insert_qdq, model_opset
+from latentrt.calibration.smoothquant import smooth_graph
+from latentrt.errors import BundleError, InputError
+from latentrt.runtime.manifest import Component, Manifest, load_manifest, sha256_file
+
+logger = logging.getLogger(__name__)
+
+Method = Literal["percentile", "entropy", "minmax"]
+QUANTIZED_PRECISIONS = ("int8", "fp8")
+#: Opsets re-stamped to 19 for fp8 (see the module docstring); anything older is refused.
+FP8_RESTAMPABLE_OPSETS = (18,)
+_LARGE = 1 << 31
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """How to calibrate and quantize a bundle's denoiser. Round-trips through JSON.
+
+    Attributes:
+        precision: "int8" or "fp8" (E4M3, scales amax / 448).
+        method: activation range from the |x| histogram: "percentile", "entropy" (TensorRT's
+            IInt8EntropyCalibrator2) or "minmax".
+        percentile: for "percentile", in (0, 100].
+        smoothquant_alpha: SmoothQuant migration strength in [0, 1] for the linear layers' inputs;
+            None disables smoothing.
+        exclude: regular expressions (re.search on node names) excluding more layers.
+        prompts_file: calibration prompts, one per line; None: the default list (prompts.py).
+        num_prompts: how many prompts (the first N of the list).
+        steps: denoising steps per prompt (None: the bundle's default).
+        guidance_scale: None: the bundle's default (uncond and cond rows are both calibrated).
+        seed: seeds the initial latents (prompt batch k uses seed + k).
+        num_bins: histogram bins (a power of two, >= 256 for entropy's 128-bin search start).
+        overwrite: replace an existing non-empty output directory.
+    """
+
+    precision: Literal["int8", "fp8"] = "int8"
+    method: Method = "percentile"
+    percentile: float = 99.99
+    smoothquant_alpha: float | None = 0.8
+    exclude: tuple[str, ...] = ()
+    prompts_file: str | None = None
+    num_prompts: int = 32
+    steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int = 0
+    num_bins: int = DEFAULT_BINS
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in QUANTIZED_PRECISIONS:
+            raise InputError(f"precision must be 'int8' or 'fp8', got {self.precision!r}")
+        if self.method not in ("percentile", "entropy", "minmax"):
+            raise InputError(f"method must be 'percentile', 'entropy' or 'minmax', got {self.method!r}")
+        if not (isinstance(self.percentile, (int, float)) and 0.0 < self.percentile <= 100.0):
+            raise InputError(f"percentile must be in (0, 100], got {self.percentile!r}; 99.99 keeps all but the rarest outliers")
+        if self.smoothquant_alpha is not None and not (0.0 <= self.smoothquant_alpha <= 1.0):
+            raise InputError(f"smoothquant_alpha must be in [0, 1] (or None to disable smoothing), got {self.smoothquant_alpha!r}")
+        if isinstance(self.exclude, str):
+            object.__setattr__(self, "exclude", (self.exclude,))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        import re
+
+        for pattern in self.exclude:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise InputError(f"exclude pattern {pattern!r} is not a valid regular expression: {err}") from err
+        if self.prompts_file is not None:
+            object.__setattr__(self, "prompts_file", os.fspath(self.prompts_file))
+        if not (isinstance(self.num_prompts, int) and self.num_prompts >= 1):
+            raise InputError(f"num_prompts must be >= 1, got {self.num_prompts!r}")
+        if self.steps is not None and not (isinstance(self.steps, int) and self.steps >= 1):
+            raise InputError(f"steps must be >= 1, got {self.steps!r}")
+        if not (isinstance(self.num_bins, int) and self.num_bins >= 256 and self.num_bins & (self.num_bins - 1) == 0):
+            raise InputError(f"num_bins must be a power of two >= 256, got {self.num_bins!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["exclude"] = list(self.exclude)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> QuantizeConfig:
+        d = dict(d)
+        d["exclude"] = tuple(d.get("exclude", ()))
+        return cls(**d)
+
+
+def is_quantized(manifest: Manifest) -> bool:
+    return "quantization" in manifest.extra or any(c.precision in QUANTIZED_PRECISIONS for c in manifest.components.values())
+
+
+def quantize_bundle(
+    bundle: str | os.PathLike,
+    output: str | os.PathLike,
+    config: QuantizeConfig = QuantizeConfig(),
+    *,
+    prompts: Sequence[str] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Manifest:
+    """Calibrate the bundle's denoiser on its own pipeline and write a quantized copy of the bundle.
+
+    Args:
+        bundle: an fp32 bundle written by `latentrt export`.
+        output: the new bundle's directory (written to a temporary sibling, then renamed).
+        prompts: calibration prompts; overrides `config.prompts_file` and the defaults.
+        progress: called as `progress(stage, done, total)` with stage "smoothquant statistics" or
+            "activation statistics" after each batch of prompts.
+
+    Returns:
+        the new bundle's manifest; `manifest.extra["quantization"][component]` records precision,
+        method, parameters, excluded layers, the quantized node count and the prompts' sha256.
+
+    Example:
+        >>> quantize_bundle("bundles/sd3", "bundles/sd3-int8", QuantizeConfig(precision="int8"))  # doctest: +SKIP
+    """
+    import onnx
+
+    from latentrt.runtime.families import FAMILIES
+
+    # 1. Validate.
+    bundle, output = Path(bundle), Path(output)
+    manifest = load_manifest(bundle)
+    if is_quantized(manifest):
+        raise InputError(f"{bundle} is already quantized; calibrate the fp32 bundle it was made from instead")
+    _check_output(bundle, output, config.overwrite)
+    if prompts is not None:
+        prompt_list = [p for p in prompts if p.strip()]
+        if not prompt_list:
+            raise InputError("the prompt list is empty; pass at least one prompt")
+    elif config.prompts_file is not None:
+        prompt_list = load_prompts(config.prompts_file)
+    else:
+        prompt_list = default_prompts(manifest, config.num_prompts, seed=config.seed)
+    prompt_list = select_prompts(prompt_list, config.num_prompts)
+    name = FAMILIES[manifest.family].denoiser
+    comp = manifest.components[name]
+    model = onnx.load(os.fspath(bundle / comp.file))
+    opset = model_opset(model)
+    if config.precision == "fp8" and opset < FP8_MIN_OPSET and opset not in FP8_RESTAMPABLE_OPSETS:
+        raise InputError(
+            f"component {name!r} is ONNX opset {opset}: fp8 needs QuantizeLinear with a float8e4m3fn zero point "
+            f"(opset >= {FP8_MIN_OPSET}), and latentrt re-stamps only opset 18 graphs to 19; re-export with --opset 19"
+        )
+
+    # 2. Select layers.
+    layers = find_layers(GraphIndex(model))
+    selected, excluded, unmatched = select_layers(layers, defaults=DEFAULT_EXCLUDES, user=config.exclude)
+    for pattern in unmatched:
+        logger.warning("--exclude %r matches no quantizable layer of %s; layer names look like %r", pattern, name, layers[0].node if layers else "")
+    if not selected:
+        raise InputError(f"no layer of {name!r} is left to quantize after the exclusions; drop some --exclude patterns")
+    settings = TrajectorySettings(steps=config.steps, guidance_scale=config.guidance_scale, seed=config.seed)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    try:
+        work = tmp / ".calibration"
+        work.mkdir()
+
+        def run(stage: str, collector: StatsCollector, graph) -> StatsCollector:
+            path = work / "tapped.onnx"
+            _save(tap_model(graph, collector.stats), path)
+            report = (lambda done, total: progress(stage, done, total)) if progress else None
+            collect_statistics(bundle, manifest, path, collector, prompt_list, settings, progress=report)
+            return collector
+
+        # 3. SmoothQuant.
+        smoothing = None
+        if config.smoothquant_alpha is not None:
+            linear_inputs = list(dict.fromkeys(l.activation for l in selected if l.input_axis is not None))
+            stats = run("smoothquant statistics", StatsCollector([], histograms=False, channels=linear_inputs), model).stats
+            smoothing = smooth_graph(model, selected, {k: s.channel_absmax for k, s in stats.items()}, config.smoothquant_alpha)
+            layers = find_layers(GraphIndex(model))
+            keep = {l.node for l in selected}
+            selected = [l for l in layers if l.node in keep]
+
+        # 4. Activation ranges.
+        activations = list(dict.fromkeys(l.activation for l in selected))
+        collector = run(
+            "activation statistics", StatsCollector(activations, histograms=config.method != "minmax", bins=config.num_bins), model
+        )
+        amax = {t: _amax(collector.stats[t], config) for t in activations}
+
+        # 5. Q/DQ, files, manifest.
+        attention = attention_matmuls(GraphIndex(model))
+        count = insert_qdq(model, selected, amax, config.precision)
+        shutil.rmtree(work)
+        _copy_bundle(bundle, tmp, manifest, skip={comp.file, *comp.external_data})
+        onnx_path = tmp / comp.file
+        external = _save(model, onnx_path)
+        _check_model(onnx_path)
+        cache = onnx_path.with_suffix(".calibration.cache")
+        from latentrt.calibration.cache import write_calibration_cache
+
+        write_calibration_cache(cache, amax, algorithm="MinMaxCalibration" if config.method == "minmax" else "EntropyCalibration2")
+        record = {
+            "precision": config.precision,
+            "method": config.method,
+            "parameters": {
+                "percentile": config.percentile if config.method == "percentile" else None,
+                "smoothquant_alpha": config.smoothquant_alpha,
+                "num_bins": config.num_bins,
+                "steps": config.steps or manifest.defaults.num_inference_steps,
+                "guidance_scale": manifest.defaults.guidance_scale if config.guidance_scale is None else config.guidance_scale,
+                "seed": config.seed,
+                "exclude": list(config.exclude),
+            },
+            "quantized_nodes": count,
+            "excluded_layers": excluded,
+            "high_precision_attention_matmuls": len(attention),
+            "smoothquant": None if smoothing is None else smoothing.to_dict(),
+            "num_prompts": len(prompt_list),
+            "prompts_sha256": prompts_sha256(prompt_list),
+            "calibration_cache": cache.relative_to(tmp).as_posix(),
+            "opset": model_opset(model),
+            "source_sha256": comp.sha256,
+            "latentrt_version": __version__,
+        }
+        new_comp = Component(
+            file=comp.file,
+            sha256=sha256_file(onnx_path),
+            inputs=comp.inputs,
+            outputs=comp.outputs,
+            axes=comp.axes,
+            precision=config.precision,
+            opset=model_opset(model),
+            external_data=tuple(f"{Path(comp.file).parent.as_posix()}/{n}" for n in external),
+            validation=(),
+        )
+        extra = dict(manifest.extra)
+        extra["quantization"] = {name: json.loads(json.dumps(record))}
+        new_manifest = Manifest(
+            family=manifest.family,
+            components={**manifest.components, name: new_comp},
+            tokenizers=manifest.tokenizers,
+            latent=manifest.latent,
+            scheduler=manifest.scheduler,
+            defaults=manifest.defaults,
+            conditioning=manifest.conditioning,
+            source=manifest.source,
+            latentrt_version=manifest.latentrt_version,
+            schema_version=manifest.schema_version,
+            extra=extra,
+        )
+        new_manifest.save(tmp)
+        _replace_dir(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return new_manifest
+
+
+def _amax(stats, config: QuantizeConfig) -> float:
+    if config.method == "minmax" or stats.histogram is None:
+        return stats.absmax
+    if config.method == "entropy":
+        return entropy_amax(stats.histogram)
+    return percentile_amax(stats.histogram, config.percentile)
+
+
+def _save(model, path: Path) -> list[str]:
+    """Save an ONNX model; over 2 GB its weights go to `<name>.data` next to it. Returns external files."""
+    import onnx
+
+    if model.ByteSize() < _LARGE:
+        onnx.save(model, os.fspath(path))
+        return []
+    data = f"{path.name}.data"
+    onnx.save(model, os.fspath(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data)
+    return [data]
+
+
+def _check_model(path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(os.fspath(path))
+    except onnx.checker.ValidationError as err:
+        raise BundleError(f"the quantized graph {path.name} is not valid ONNX ({err}); please report this with the bundle's source") from err
+
+
+def _check_output(bundle: Path, output: Path, overwrite: bool) -> None:
+    if output.resolve() == bundle.resolve():
+        raise InputError(f"output {output} is the input bundle; write the quantized bundle to a new directory")
+    if output.exists() and not output.is_dir():
+        raise InputError(f"output {output} exists and is a file; choose a directory path for the bundle")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise InputError(f"output {output} is not empty; pass --overwrite to replace it or choose another path")
+    parent = output.parent if output.parent != Path("") else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"cannot write {output}: its parent directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"cannot write {output}: no write permission on {parent}")
+
+
+def _copy_bundle(bundle: Path, target: Path, manifest: Manifest, skip: set[str]) -> None:
+    """Hard-link (or copy) the bundle's files except `skip`, the manifest and built engines."""
+    for path in sorted(bundle.rglob("*")):
+        rel = path.relative_to(bundle).as_posix()
+        if rel in skip or rel == "manifest.json" or rel.split("/")[0] == "engines" or not path.is_file():
+            continue
+        dest = target / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, dest)
+        except OSError:
+            shutil.copy2(path, dest)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move `new` to `target`; an existing `target` is removed only once `new` is in place."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+        new.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(target)
+
+
+__all__ = ["QuantizeConfig", "is_quantized", "quantize_bundle"]
