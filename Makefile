@@ -19,9 +19,18 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+# The demo model (models/demo, trained on this project's shapes dataset) has no T5 encoder: it was
+# trained with zero T5 tokens, hence --max-sequence-length 0.
+DEMO_STEPS := --steps 16 --guidance 3.0
+
 demo: $(VENV)/.installed
-	$(BIN)/latentrt export tiny-sd3 -o $(OUT)/tiny-sd3 --overwrite
-	$(BIN)/latentrt generate $(OUT)/tiny-sd3 --prompt "a red circle on the left" --steps 8 --seed 0 -o $(OUT)/demo.png
+	$(BIN)/latentrt export models/demo/pipeline -o $(OUT)/demo-bundle --max-sequence-length 0 --overwrite
+	$(BIN)/latentrt generate $(OUT)/demo-bundle --grid $(DEMO_STEPS) --seed 0 -o $(OUT)/demo-grid.png \
+		-p "a large red circle on the left" -p "a small blue square at the top on a grey background" \
+		-p "right: big yellow triangle" -p "a small green circle in the centre" \
+		-p "a large purple square at the bottom" -p "left: small orange triangle on a black background" \
+		-p "a big white circle on the right" -p "a small red triangle at the top"
+	$(BIN)/latentrt eval $(OUT)/demo-bundle $(DEMO_STEPS) --json $(OUT)/demo-eval.json
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q

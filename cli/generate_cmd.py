@@ -21,7 +21,8 @@ from latentrt.cli.format import echo_table, timing_rows
 @click.option("--width", type=int, default=None)
 @click.option("--num-images", type=int, default=1, show_default=True, help="Images per prompt.")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
-def command(bundle, prompt, output, negative_prompt, steps, guidance, seed, height, width, num_images, backend) -> None:
+@click.option("--grid", is_flag=True, help="Write all images into one PNG, each prompt under its image.")
+def command(bundle, prompt, output, negative_prompt, steps, guidance, seed, height, width, num_images, backend, grid) -> None:
     """Generate images from BUNDLE and print the per-stage timing table."""
     from tqdm import tqdm
 
@@ -41,9 +42,15 @@ def command(bundle, prompt, output, negative_prompt, steps, guidance, seed, heig
             seed=seed,
             callback=lambda i, n: bar.update(1),
         )
-    paths = _output_paths(Path(output), len(out.images))
-    for image, path in zip(out.images, paths):
-        image.save(path)
+    if grid:
+        from latentrt.cli.grid import make_grid
+
+        paths = [Path(output)]
+        make_grid(out.images, [p for p in prompt for _ in range(num_images)]).save(paths[0])
+    else:
+        paths = _output_paths(Path(output), len(out.images))
+        for image, path in zip(out.images, paths):
+            image.save(path)
     echo_table(("stage", "ms"), timing_rows(out.timings))
     for path in paths:
         click.echo(f"wrote {path}")
