@@ -89,14 +89,11 @@ def analyse(image: np.ndarray | Image.Image) -> dict[str, str | None]:
     height, width, _ = pixels.shape
 
     # 1. Background: median of the border, nearest named background.
-    border = np.concatenate(
-        [pixels[:2].reshape(-1, 3), pixels[-2:].reshape(-1, 3), pixels[:, :2].reshape(-1, 3), pixels[:, -2:].reshape(-1, 3)]
-    )
+    border = np.concatenate([part.reshape(-1, 3) for part in (pixels[:2], pixels[-2:], pixels[:, :2], pixels[:, -2:])])
     background_rgb = np.median(border, axis=0)
     background = _BACKGROUND_NAMES[int(np.argmin(np.linalg.norm(_BACKGROUND_RGB - background_rgb, axis=1)))]
-    prediction: dict[str, str | None] = {
-        "shape": None, "colour": None, "size": None, "position": None, "background": background
-    }
+    prediction: dict[str, str | None] = dict.fromkeys(dataset.ATTRIBUTE_NAMES)
+    prediction["background"] = background
 
     # 2. Foreground: far from the background (half-way to the most distant pixels), largest component.
     distance = np.linalg.norm(pixels - background_rgb, axis=2)

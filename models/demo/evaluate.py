@@ -27,7 +27,7 @@ from . import analyser, dataset
 
 # The generation settings the demo model is evaluated with.
 DEFAULT_STEPS = 16
-DEFAULT_GUIDANCE = 5.0
+DEFAULT_GUIDANCE = 3.0
 
 EvalPrompt = tuple[str, dataset.Attributes, bool]
 
