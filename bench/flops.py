@@ -34,7 +34,7 @@ def onnx_flops(path: str | os.PathLike, input_shapes: dict[str, list[int]]) -> f
     flops = 0.0
     for node in model.graph.node:
         if node.op_type in ("MatMul", "Gemm"):
-            a, b = shapes.get(node.input[0]), shapes.get(node.input[1])
+            a = shapes.get(node.input[0])
             out = shapes.get(node.output[0])
             if not a or not out or 0 in out or 0 in a:
                 continue

@@ -84,8 +84,6 @@ class TorchBackend:
 
     def run(self, latents: np.ndarray, kwargs: dict) -> tuple[np.ndarray, dict]:
         self.stages = {"text_encoding": [], "denoising_steps": [], "vae_decode": []}
-        kwargs = dict(kwargs)
-        seed = kwargs.pop("seed", None)
         start = time.perf_counter()
         with self.torch.inference_mode():
             images = self.pipe(latents=self.torch.from_numpy(latents), output_type="np", **kwargs).images

@@ -12,10 +12,12 @@ from pathlib import Path
 import torch
 
 from latentrt.models.loader import LoadedPipeline
-from latentrt.models.sd3 import T5EncoderAdapter, VAEDecoderAdapter
-from latentrt.models.spec import ComponentExport, FamilyExport, TensorTemplate
+from latentrt.models.sd3 import T5EncoderAdapter
+from latentrt.models.spec import ComponentExport, FamilyExport, TensorTemplate, scheduler_entry
+from latentrt.models.vae import latent_spec, vae_decoder_export
+from latentrt.models.tiny import tiny_clip, tiny_t5, tiny_vae
 from latentrt.models.tokenizers import clip_bpe, save_tokenizer, t5_unigram
-from latentrt.runtime.manifest import AxisRange, Defaults, LatentSpec
+from latentrt.runtime.manifest import AxisRange, Defaults
 
 REQUIRED = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 OPTIONAL = ()
@@ -57,11 +59,11 @@ def flux_export(pipe: LoadedPipeline, *, max_batch: int = 4, max_sequence_length
     """Describe a Flux pipeline's components for export. `max_sequence_length`: T5 length (512 dev, 256 schnell)."""
     c = pipe.components
     transformer, vae = c["transformer"], c["vae"]
-    tcfg, vcfg = transformer.config, vae.config
+    tcfg = transformer.config
     clip_len = c["tokenizer"].model_max_length
     t5_len = max_sequence_length or 512
     batch = AxisRange(1, 1, max_batch)
-    vae_scale = 2 ** (len(vcfg.block_out_channels) - 1)
+    vae_scale = latent_spec(vae).vae_scale_factor
     default_latent = 2 * (128 // 2)  # diffusers' FluxPipeline: default_sample_size 128 latents a side
     latent_axis = AxisRange(2, default_latent, 2 * default_latent, multiple_of=2)
     tokens = AxisRange(1, (default_latent // 2) ** 2, default_latent**2)
@@ -108,28 +110,15 @@ def flux_export(pipe: LoadedPipeline, *, max_batch: int = 4, max_sequence_length
             validate_sizes=({"batch": 1, "image_tokens": 64, "text_tokens": t5_len}, {"batch": 2, "image_tokens": 24, "text_tokens": 5}),
             exporter="dynamo",  # the TorchScript tracer folds the rotary embedding's reshapes into constants
         ),
-        ComponentExport(
-            name="vae_decoder",
-            module=VAEDecoderAdapter(vae),
-            inputs=(TensorTemplate("latent_sample", ("batch", vcfg.latent_channels, "latent_height", "latent_width")),),
-            outputs=(TensorTemplate("sample", ("batch", 3, "height", "width")),),
-            axes={"batch": batch, "latent_height": latent_axis, "latent_width": latent_axis},
-            trace_sizes={"batch": 1, "latent_height": 8, "latent_width": 8},
-            validate_sizes=({"batch": 1, "latent_height": 16, "latent_width": 16}, {"batch": 2, "latent_height": 6, "latent_width": 12}),
-        ),
+        vae_decoder_export(vae, max_batch=max_batch, latent_axis=latent_axis, validate_latent=16),
     ]
     scheduler = c["scheduler"]
     return FamilyExport(
         family="flux",
         components=components,
         tokenizers={"tokenizer": (c["tokenizer"], clip_len), "tokenizer_2": (c["tokenizer_2"], t5_len)},
-        latent=LatentSpec(
-            channels=vcfg.latent_channels,
-            vae_scale_factor=vae_scale,
-            scaling_factor=float(vcfg.scaling_factor),
-            shift_factor=float(vcfg.shift_factor or 0.0),
-        ),
-        scheduler={"class_name": type(scheduler).__name__, "config": dict(scheduler.config)},
+        latent=latent_spec(vae),
+        scheduler=scheduler_entry(scheduler),
         defaults=Defaults(
             height=default_latent * vae_scale,
             width=default_latent * vae_scale,
@@ -148,43 +137,16 @@ def flux_export(pipe: LoadedPipeline, *, max_batch: int = 4, max_sequence_length
 def build_tiny(directory: Path, seed: int) -> None:
     """tiny-flux: the real Flux classes (CLIPTextModel, T5EncoderModel, FluxTransformer2DModel with guidance
     embedding, 16-channel AutoencoderKL), small configs; a 2x VAE keeps the default image at 256 px."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import PreTrainedTokenizerFast
 
     clip_tok, clip_cfg = clip_bpe(max_length=77)
     t5_tok, t5_cfg = t5_unigram()
     save_tokenizer(clip_tok, clip_cfg, directory / "tokenizer")
     save_tokenizer(t5_tok, t5_cfg, directory / "tokenizer_2")
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=clip_tok.get_vocab_size(),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            hidden_act="gelu",
-            bos_token_id=clip_tok.token_to_id("<|startoftext|>"),
-            eos_token_id=clip_tok.token_to_id("<|endoftext|>"),
-            pad_token_id=clip_tok.token_to_id("<|endoftext|>"),
-        )
-    )
-    text_encoder_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=t5_tok.get_vocab_size(),
-            d_model=48,
-            d_kv=12,
-            d_ff=96,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            feed_forward_proj="gated-gelu",
-            decoder_start_token_id=0,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-    )
+    text_encoder = tiny_clip(clip_tok, hidden=32, layers=2)
+    text_encoder_2 = tiny_t5(t5_tok, d_model=48, d_kv=12)
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=64,
@@ -197,21 +159,7 @@ def build_tiny(directory: Path, seed: int) -> None:
         guidance_embeds=True,
         axes_dims_rope=(4, 6, 6),
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=4,
-        sample_size=256,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = tiny_vae(channels=(8, 16), latent_channels=16, sample_size=256, scaling_factor=0.3611, shift_factor=0.1159)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
     FluxPipeline(
         scheduler=scheduler,

@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 
 from latentrt.models.loader import LoadedPipeline
-from latentrt.models.sd3 import VAEDecoderAdapter
-from latentrt.models.spec import ComponentExport, FamilyExport, TensorTemplate
+from latentrt.models.spec import ComponentExport, FamilyExport, TensorTemplate, scheduler_entry
+from latentrt.models.vae import latent_spec, vae_decoder_export
+from latentrt.models.tiny import tiny_t5, tiny_vae
 from latentrt.models.tokenizers import save_tokenizer, t5_unigram
-from latentrt.runtime.manifest import AxisRange, Defaults, LatentSpec
+from latentrt.runtime.manifest import AxisRange, Defaults
 
 REQUIRED = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer")
 OPTIONAL = ()
@@ -55,14 +56,14 @@ def pixart_export(pipe: LoadedPipeline, *, max_batch: int = 4, max_sequence_leng
     """Describe a PixArt pipeline's components. `max_sequence_length`: T5 length (120 alpha, 300 sigma)."""
     c = pipe.components
     transformer, vae, t5 = c["transformer"], c["vae"], c["text_encoder"]
-    tcfg, vcfg = transformer.config, vae.config
+    tcfg = transformer.config
     seq = max_sequence_length or 120
     batch = AxisRange(1, 2, 2 * max_batch)
     text_axis = AxisRange(1, seq, max(seq, 512))
-    vae_scale = 2 ** (len(vcfg.block_out_channels) - 1)
+    vae_scale = latent_spec(vae).vae_scale_factor
     patch, sample = tcfg.patch_size, tcfg.sample_size
     latent_axis = AxisRange(2 * patch, sample, 4 * sample, multiple_of=patch)
-    small, odd = 2 * patch, 3 * patch
+    odd = 3 * patch
     extra = tcfg.sample_size == 128  # diffusers conditions PixArt-alpha 1024 on resolution and aspect ratio
     inputs = [
         TensorTemplate("hidden_states", ("batch", tcfg.in_channels, "latent_height", "latent_width")),
@@ -98,28 +99,15 @@ def pixart_export(pipe: LoadedPipeline, *, max_batch: int = 4, max_sequence_leng
                 {"batch": 2, "latent_height": odd, "latent_width": 2 * odd, "sequence": 5},
             ),
         ),
-        ComponentExport(
-            name="vae_decoder",
-            module=VAEDecoderAdapter(vae),
-            inputs=(TensorTemplate("latent_sample", ("batch", vcfg.latent_channels, "latent_height", "latent_width")),),
-            outputs=(TensorTemplate("sample", ("batch", 3, "height", "width")),),
-            axes={"batch": AxisRange(1, 1, max_batch), "latent_height": latent_axis, "latent_width": latent_axis},
-            trace_sizes={"batch": 1, "latent_height": 2 * small, "latent_width": 2 * small},
-            validate_sizes=({"batch": 1, "latent_height": sample, "latent_width": sample}, {"batch": 2, "latent_height": odd, "latent_width": 2 * odd}),
-        ),
+        vae_decoder_export(vae, max_batch=max_batch, latent_axis=latent_axis, validate_latent=sample),
     ]
     scheduler = c["scheduler"]
     return FamilyExport(
         family="pixart",
         components=components,
         tokenizers={"tokenizer": (c["tokenizer"], seq)},
-        latent=LatentSpec(
-            channels=tcfg.in_channels,
-            vae_scale_factor=vae_scale,
-            scaling_factor=float(vcfg.scaling_factor),
-            shift_factor=float(vcfg.shift_factor or 0.0),
-        ),
-        scheduler={"class_name": type(scheduler).__name__, "config": dict(scheduler.config)},
+        latent=latent_spec(vae),
+        scheduler=scheduler_entry(scheduler),
         defaults=Defaults(height=sample * vae_scale, width=sample * vae_scale, num_inference_steps=20, guidance_scale=4.5, max_sequence_length=seq),
         conditioning={
             "t5_encoder": ["text_encoder", "tokenizer"],
@@ -132,27 +120,13 @@ def pixart_export(pipe: LoadedPipeline, *, max_batch: int = 4, max_sequence_leng
 def build_tiny(directory: Path, seed: int) -> None:
     """tiny-pixart: the real PixArt classes (T5EncoderModel, PixArtTransformer2DModel with learned sigma,
     AutoencoderKL), small configs, a DDIM scheduler."""
-    from diffusers import AutoencoderKL, DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+    from diffusers import DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from transformers import PreTrainedTokenizerFast
 
     t5_tok, t5_cfg = t5_unigram()
     save_tokenizer(t5_tok, t5_cfg, directory / "tokenizer")
     torch.manual_seed(seed)
-    text_encoder = T5EncoderModel(
-        T5Config(
-            vocab_size=t5_tok.get_vocab_size(),
-            d_model=32,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            feed_forward_proj="gated-gelu",
-            decoder_start_token_id=0,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-    )
+    text_encoder = tiny_t5(t5_tok, d_model=32, d_kv=8)
     transformer = PixArtTransformer2DModel(
         sample_size=8,
         num_layers=2,
@@ -170,17 +144,7 @@ def build_tiny(directory: Path, seed: int) -> None:
         norm_elementwise_affine=False,
         norm_eps=1e-6,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=64,
-    )
+    vae = tiny_vae(channels=(8, 8, 16, 16), latent_channels=4, sample_size=64, scaling_factor=0.18215)
     scheduler = DDIMScheduler(
         beta_schedule="linear", beta_start=0.0001, beta_end=0.02, timestep_spacing="leading", steps_offset=1, clip_sample=False
     )

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from latentrt.models.loader import LoadedPipeline
-from latentrt.models.spec import ComponentExport, FamilyExport, TensorTemplate
+from latentrt.models.spec import ComponentExport, FamilyExport, TensorTemplate, scheduler_entry
+from latentrt.models.vae import latent_spec, vae_decoder_export
+from latentrt.models.tiny import tiny_clip, tiny_t5, tiny_vae
 from latentrt.models.tokenizers import clip_bpe, save_tokenizer, t5_unigram
-from latentrt.runtime.manifest import AxisRange, Defaults, LatentSpec
+from latentrt.runtime.manifest import AxisRange, Defaults
 
 REQUIRED = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 OPTIONAL = ("text_encoder_3", "tokenizer_3")
@@ -62,17 +64,6 @@ class SD3TransformerAdapter(torch.nn.Module):
         )[0]
 
 
-class VAEDecoderAdapter(torch.nn.Module):
-    """latent_sample [b, c, h, w] (already `latents / scaling_factor + shift_factor`) -> sample [b, 3, 8h, 8w] in [-1, 1]."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, latent_sample):
-        return self.model.decode(latent_sample, return_dict=False)[0]
-
-
 def _clip_export(name: str, model, max_length: int, batch: AxisRange) -> ComponentExport:
     return ComponentExport(
         name=name,
@@ -99,7 +90,7 @@ def sd3_export(pipe: LoadedPipeline, *, max_batch: int = 4, max_sequence_length:
     """
     c = pipe.components
     transformer, vae = c["transformer"], c["vae"]
-    tcfg, vcfg = transformer.config, vae.config
+    tcfg = transformer.config
     clip_len = c["tokenizer"].model_max_length
     clip_width = c["text_encoder"].config.hidden_size + c["text_encoder_2"].config.hidden_size
     batch = AxisRange(1, 2, 2 * max_batch)
@@ -124,7 +115,7 @@ def sd3_export(pipe: LoadedPipeline, *, max_batch: int = 4, max_sequence_length:
         )
         tokenizers["tokenizer_3"] = (c["tokenizer_3"], max_sequence_length)
 
-    vae_scale = 2 ** (len(vcfg.block_out_channels) - 1)
+    vae_scale = latent_spec(vae).vae_scale_factor
     patch = tcfg.patch_size
     sample = tcfg.sample_size
     # The cropped positional embedding limits the latent to pos_embed_max_size patches a side.
@@ -156,18 +147,7 @@ def sd3_export(pipe: LoadedPipeline, *, max_batch: int = 4, max_sequence_length:
         )
     )
     components.append(
-        ComponentExport(
-            name="vae_decoder",
-            module=VAEDecoderAdapter(vae),
-            inputs=(TensorTemplate("latent_sample", ("batch", vcfg.latent_channels, "latent_height", "latent_width")),),
-            outputs=(TensorTemplate("sample", ("batch", 3, "height", "width")),),
-            axes={"batch": AxisRange(1, 1, max_batch), "latent_height": latent_axis, "latent_width": latent_axis},
-            trace_sizes={"batch": 1, "latent_height": 2 * small, "latent_width": 2 * small},
-            validate_sizes=(
-                {"batch": 1, "latent_height": sample, "latent_width": sample},
-                {"batch": 2, "latent_height": odd, "latent_width": 2 * odd},
-            ),
-        )
+        vae_decoder_export(vae, max_batch=max_batch, latent_axis=latent_axis, validate_latent=sample)
     )
 
     scheduler = c["scheduler"]
@@ -175,13 +155,8 @@ def sd3_export(pipe: LoadedPipeline, *, max_batch: int = 4, max_sequence_length:
         family="sd3",
         components=components,
         tokenizers=tokenizers,
-        latent=LatentSpec(
-            channels=tcfg.in_channels,
-            vae_scale_factor=vae_scale,
-            scaling_factor=float(vcfg.scaling_factor),
-            shift_factor=float(vcfg.shift_factor or 0.0),
-        ),
-        scheduler={"class_name": type(scheduler).__name__, "config": dict(scheduler.config)},
+        latent=latent_spec(vae),
+        scheduler=scheduler_entry(scheduler),
         defaults=Defaults(
             height=sample * vae_scale,
             width=sample * vae_scale,
@@ -232,48 +207,18 @@ def build_bench(directory: Path, seed: int) -> None:
 def build(directory: Path, seed: int, sizes: SD3Sizes) -> None:
     """Write an SD3-architecture pipeline with random weights from `seed` to `directory`."""
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import PreTrainedTokenizerFast
 
     clip_tok, clip_cfg = clip_bpe(max_length=77)
     t5_tok, t5_cfg = t5_unigram()
     for sub, (tok, cfg) in {"tokenizer": (clip_tok, clip_cfg), "tokenizer_2": (clip_tok, clip_cfg), "tokenizer_3": (t5_tok, t5_cfg)}.items():
         save_tokenizer(tok, cfg, directory / sub)
 
-    def clip(hidden: int, projection: int) -> CLIPTextModelWithProjection:
-        config = CLIPTextConfig(
-            vocab_size=clip_tok.get_vocab_size(),
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            projection_dim=projection,
-            num_hidden_layers=sizes.clip_layers,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            hidden_act="gelu",
-            bos_token_id=clip_tok.token_to_id("<|startoftext|>"),
-            eos_token_id=clip_tok.token_to_id("<|endoftext|>"),
-            pad_token_id=clip_tok.token_to_id("<|endoftext|>"),
-        )
-        return CLIPTextModelWithProjection(config)
-
     torch.manual_seed(seed)
-    text_encoder = clip(hidden=sizes.clip_widths[0], projection=sizes.clip_widths[0])
-    text_encoder_2 = clip(hidden=sizes.clip_widths[1], projection=sizes.clip_widths[1])
-    text_encoder_3 = T5EncoderModel(
-        T5Config(
-            vocab_size=t5_tok.get_vocab_size(),
-            d_model=sizes.t5_width,
-            d_kv=16,
-            d_ff=2 * sizes.t5_width,
-            num_layers=sizes.t5_layers,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            feed_forward_proj="gated-gelu",
-            decoder_start_token_id=0,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-    )
+    text_encoder = tiny_clip(clip_tok, hidden=sizes.clip_widths[0], projection=sizes.clip_widths[0], layers=sizes.clip_layers)
+    text_encoder_2 = tiny_clip(clip_tok, hidden=sizes.clip_widths[1], projection=sizes.clip_widths[1], layers=sizes.clip_layers)
+    text_encoder_3 = tiny_t5(t5_tok, d_model=sizes.t5_width, layers=sizes.t5_layers)
     transformer = SD3Transformer2DModel(
         sample_size=sizes.sample_size,
         patch_size=2,
@@ -287,20 +232,12 @@ def build(directory: Path, seed: int, sizes: SD3Sizes) -> None:
         pooled_projection_dim=sum(sizes.clip_widths),
         pos_embed_max_size=3 * sizes.sample_size,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(sizes.vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(sizes.vae_channels),
-        block_out_channels=sizes.vae_channels,
-        layers_per_block=1,
+    vae = tiny_vae(
+        channels=sizes.vae_channels,
         latent_channels=16,
-        norm_num_groups=4,
         sample_size=sizes.sample_size * 2 ** (len(sizes.vae_channels) - 1),
         scaling_factor=1.5305,
         shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
     )
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     pipe = StableDiffusion3Pipeline(

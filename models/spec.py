@@ -68,3 +68,8 @@ class FamilyExport:
     scheduler: dict[str, Any]
     defaults: Defaults
     conditioning: dict[str, Any] = field(default_factory=dict)
+
+
+def scheduler_entry(scheduler, **overrides: Any) -> dict[str, Any]:
+    """The manifest's scheduler entry: diffusers class name and config (with `overrides` applied)."""
+    return {"class_name": type(scheduler).__name__, "config": {**dict(scheduler.config), **overrides}}

@@ -13,10 +13,12 @@ import torch
 
 from latentrt.errors import InputError
 from latentrt.models.loader import LoadedPipeline, read_model_index
-from latentrt.models.sd3 import CLIPTextAdapter, VAEDecoderAdapter
-from latentrt.models.spec import ComponentExport, FamilyExport, TensorTemplate
+from latentrt.models.sd3 import CLIPTextAdapter
+from latentrt.models.spec import ComponentExport, FamilyExport, TensorTemplate, scheduler_entry
+from latentrt.models.vae import latent_spec, vae_decoder_export
+from latentrt.models.tiny import tiny_clip, tiny_vae
 from latentrt.models.tokenizers import clip_bpe, save_tokenizer
-from latentrt.runtime.manifest import AxisRange, Defaults, LatentSpec
+from latentrt.runtime.manifest import AxisRange, Defaults
 
 SD15_REQUIRED = ("unet", "vae", "scheduler", "text_encoder", "tokenizer")
 SDXL_REQUIRED = ("unet", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
@@ -117,7 +119,7 @@ def _unet_family(pipe: LoadedPipeline, family: str, max_batch: int, defaults: di
     components = [_text_encoder_export(e, c[e], clip_len, batch) for e in encoders]
     tokenizers = {t: (c[t], clip_len) for t in ["tokenizer", "tokenizer_2"][: len(encoders)]}
 
-    vae_scale = 2 ** (len(vcfg.block_out_channels) - 1)
+    vae_scale = latent_spec(vae).vae_scale_factor
     # Each of the U-Net's down blocks but the last halves the latent: sizes must divide evenly.
     multiple = 2 ** (len(ucfg.block_out_channels) - 1)
     sample = ucfg.sample_size
@@ -163,28 +165,12 @@ def _unet_family(pipe: LoadedPipeline, family: str, max_batch: int, defaults: di
             {"batch": 2, "latent_height": odd, "latent_width": 2 * odd},
         ),
     )
-    vae_export = ComponentExport(
-        name="vae_decoder",
-        module=VAEDecoderAdapter(vae),
-        inputs=(TensorTemplate("latent_sample", ("batch", vcfg.latent_channels, "latent_height", "latent_width")),),
-        outputs=(TensorTemplate("sample", ("batch", 3, "height", "width")),),
-        axes={"batch": AxisRange(1, 1, max_batch), "latent_height": latent_axis, "latent_width": latent_axis},
-        trace_sizes={"batch": 1, "latent_height": 2 * small, "latent_width": 2 * small},
-        validate_sizes=(
-            {"batch": 1, "latent_height": sample, "latent_width": sample},
-            {"batch": 2, "latent_height": odd, "latent_width": 2 * odd},
-        ),
-    )
+    vae_export = vae_decoder_export(vae, max_batch=max_batch, latent_axis=latent_axis, validate_latent=sample)
     return FamilyExport(
         family=family,
         components=[*components, unet_export, vae_export],
         tokenizers=tokenizers,
-        latent=LatentSpec(
-            channels=ucfg.in_channels,
-            vae_scale_factor=vae_scale,
-            scaling_factor=float(vcfg.scaling_factor),
-            shift_factor=float(getattr(vcfg, "shift_factor", None) or 0.0),
-        ),
+        latent=latent_spec(vae),
         scheduler=_scheduler_entry(c["scheduler"], family),
         defaults=Defaults(height=sample * vae_scale, width=sample * vae_scale, max_sequence_length=clip_len, **defaults),
         conditioning=conditioning,
@@ -194,13 +180,8 @@ def _unet_family(pipe: LoadedPipeline, family: str, max_batch: int, defaults: di
 def _scheduler_entry(scheduler, family: str) -> dict:
     """The manifest's scheduler entry, with the corrections StableDiffusionPipeline.__init__ applies
     to outdated configs (steps_offset=1, clip_sample=False) so that sampling matches diffusers."""
-    config = dict(scheduler.config)
-    if family == "sd15":
-        if config.get("steps_offset", 1) != 1:
-            config["steps_offset"] = 1
-        if config.get("clip_sample", False) is True:
-            config["clip_sample"] = False
-    return {"class_name": type(scheduler).__name__, "config": config}
+    fixes = {"steps_offset": 1, "clip_sample": False} if family == "sd15" else {}
+    return scheduler_entry(scheduler, **{k: v for k, v in fixes.items() if k in scheduler.config})
 
 
 def sd15_export(pipe: LoadedPipeline, *, max_batch: int = 4, max_sequence_length: int = 77) -> FamilyExport:
@@ -219,43 +200,6 @@ def sdxl_export(pipe: LoadedPipeline, *, max_batch: int = 4, max_sequence_length
     return _unet_family(pipe, "sdxl", max_batch, dict(num_inference_steps=50, guidance_scale=5.0))
 
 
-def _tiny_clip(tok, *, hidden: int, projection: int | None):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        projection_dim=projection or hidden,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        hidden_act="gelu",
-        bos_token_id=tok.token_to_id("<|startoftext|>"),
-        eos_token_id=tok.token_to_id("<|endoftext|>"),
-        pad_token_id=tok.token_to_id("<|endoftext|>"),
-    )
-    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
-
-
-def _tiny_vae(scaling_factor: float):
-    from diffusers import AutoencoderKL
-
-    # Four levels, as the real SD VAE: 8x downsampling.
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=64,
-        scaling_factor=scaling_factor,
-    )
-
-
 def build_tiny_sd15(directory: Path, seed: int) -> None:
     """tiny-sd15: the real SD 1.5 classes (CLIPTextModel, U-Net with cross-attention, 4-channel VAE,
     DDIM with SD 1.5's epsilon-prediction schedule), small configs; 64x64 images by default."""
@@ -265,7 +209,7 @@ def build_tiny_sd15(directory: Path, seed: int) -> None:
     tok, tok_cfg = clip_bpe(max_length=77)
     save_tokenizer(tok, tok_cfg, directory / "tokenizer")
     torch.manual_seed(seed)
-    text_encoder = _tiny_clip(tok, hidden=32, projection=None)
+    text_encoder = tiny_clip(tok, hidden=32)
     unet = UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
@@ -288,7 +232,7 @@ def build_tiny_sd15(directory: Path, seed: int) -> None:
         prediction_type="epsilon",
     )
     pipe = StableDiffusionPipeline(
-        vae=_tiny_vae(0.18215),
+        vae=tiny_vae(channels=(8, 16, 16, 16), latent_channels=4, sample_size=64, scaling_factor=0.18215),
         text_encoder=text_encoder,
         tokenizer=PreTrainedTokenizerFast.from_pretrained(directory / "tokenizer"),
         unet=unet,
@@ -311,8 +255,8 @@ def build_tiny_sdxl(directory: Path, seed: int) -> None:
     for sub in ("tokenizer", "tokenizer_2"):
         save_tokenizer(tok, tok_cfg, directory / sub)
     torch.manual_seed(seed)
-    text_encoder = _tiny_clip(tok, hidden=32, projection=None)
-    text_encoder_2 = _tiny_clip(tok, hidden=32, projection=32)
+    text_encoder = tiny_clip(tok, hidden=32)
+    text_encoder_2 = tiny_clip(tok, hidden=32, projection=32)
     unet = UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
@@ -339,7 +283,7 @@ def build_tiny_sdxl(directory: Path, seed: int) -> None:
         prediction_type="epsilon",
     )
     pipe = StableDiffusionXLPipeline(
-        vae=_tiny_vae(0.13025),
+        vae=tiny_vae(channels=(8, 16, 16, 16), latent_channels=4, sample_size=64, scaling_factor=0.13025),
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
         tokenizer=PreTrainedTokenizerFast.from_pretrained(directory / "tokenizer"),
