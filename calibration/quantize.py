@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from latentrt.calibration.prompts import default_prompts, load_prompts, prompts_
 from latentrt.calibration.qdq import FP8_MIN_OPSET, insert_qdq, model_opset
 from latentrt.calibration.smoothquant import smooth_graph
 from latentrt.errors import BundleError, InputError
+from latentrt.runtime.bundle_writer import check_output_dir, writing_bundle
 from latentrt.runtime.manifest import Component, Manifest, load_manifest, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -159,7 +159,9 @@ def quantize_bundle(
     manifest = load_manifest(bundle)
     if is_quantized(manifest):
         raise InputError(f"{bundle} is already quantized; calibrate the fp32 bundle it was made from instead")
-    _check_output(bundle, output, config.overwrite)
+    if output.resolve() == bundle.resolve():
+        raise InputError(f"output {output} is the input bundle; write the quantized bundle to a new directory")
+    check_output_dir(output, config.overwrite)
     if prompts is not None:
         prompt_list = [p for p in prompts if p.strip()]
         if not prompt_list:
@@ -188,11 +190,7 @@ def quantize_bundle(
         raise InputError(f"no layer of {name!r} is left to quantize after the exclusions; drop some --exclude patterns")
     settings = TrajectorySettings(steps=config.steps, guidance_scale=config.guidance_scale, seed=config.seed)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
-    try:
+    with writing_bundle(output, overwrite=config.overwrite) as tmp:
         work = tmp / ".calibration"
         work.mkdir()
 
@@ -282,10 +280,6 @@ def quantize_bundle(
             extra=extra,
         )
         new_manifest.save(tmp)
-        _replace_dir(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return new_manifest
 
 
@@ -318,20 +312,6 @@ def _check_model(path: Path) -> None:
         raise BundleError(f"the quantized graph {path.name} is not valid ONNX ({err}); please report this with the bundle's source") from err
 
 
-def _check_output(bundle: Path, output: Path, overwrite: bool) -> None:
-    if output.resolve() == bundle.resolve():
-        raise InputError(f"output {output} is the input bundle; write the quantized bundle to a new directory")
-    if output.exists() and not output.is_dir():
-        raise InputError(f"output {output} exists and is a file; choose a directory path for the bundle")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise InputError(f"output {output} is not empty; pass --overwrite to replace it or choose another path")
-    parent = output.parent if output.parent != Path("") else Path(".")
-    if not parent.is_dir():
-        raise InputError(f"cannot write {output}: its parent directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"cannot write {output}: no write permission on {parent}")
-
-
 def _copy_bundle(bundle: Path, target: Path, manifest: Manifest, skip: set[str]) -> None:
     """Hard-link (or copy) the bundle's files except `skip`, the manifest and built engines."""
     for path in sorted(bundle.rglob("*")):
@@ -344,17 +324,6 @@ def _copy_bundle(bundle: Path, target: Path, manifest: Manifest, skip: set[str])
             os.link(path, dest)
         except OSError:
             shutil.copy2(path, dest)
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move `new` to `target`; an existing `target` is removed only once `new` is in place."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-        new.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        new.rename(target)
 
 
 __all__ = ["QuantizeConfig", "is_quantized", "quantize_bundle"]

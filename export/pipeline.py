@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,6 +16,7 @@ from latentrt.export.onnx_export import export_component, io_specs, validate_com
 from latentrt.models import families
 from latentrt.models.loader import load_pipeline, read_model_index
 from latentrt.models.presets import PRESETS, save_preset
+from latentrt.runtime.bundle_writer import writing_bundle
 from latentrt.runtime.manifest import Component, Manifest, TokenizerSpec, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -65,18 +65,6 @@ class ExportConfig:
             raise InputError(f"max_sequence_length must be in [0, 512], got {self.max_sequence_length}")
 
 
-def _check_output(output: Path, overwrite: bool) -> None:
-    if output.exists() and not output.is_dir():
-        raise InputError(f"output {output} exists and is a file; choose a directory path for the bundle")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise InputError(f"output {output} is not empty; pass --overwrite to replace it or choose another path")
-    parent = output.parent if output.parent != Path("") else Path(".")
-    if not parent.is_dir():
-        raise InputError(f"cannot write {output}: its parent directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"cannot write {output}: no write permission on {parent}")
-
-
 def export_pipeline(
     source: str | os.PathLike,
     output: str | os.PathLike,
@@ -95,14 +83,8 @@ def export_pipeline(
     Example:
         >>> export_pipeline("tiny-sd3", "bundles/tiny-sd3")  # doctest: +SKIP
     """
-    output = Path(output)
-    _check_output(output, config.overwrite)
     source_str = str(source)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the bundle should get the usual permissions
-    try:
+    with writing_bundle(output, overwrite=config.overwrite) as tmp:
         if source_str in PRESETS and not Path(source_str).exists():
             pipeline_dir = save_preset(source_str, tmp / "preset-source")
         elif Path(source_str).is_dir():
@@ -114,22 +96,7 @@ def export_pipeline(
         manifest = _export_into(pipeline_dir, tmp, config, source_str, progress)
         if pipeline_dir.parent == tmp:
             shutil.rmtree(pipeline_dir)
-        _replace_dir(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move `new` to `target`; an existing `target` is removed only once `new` is in place."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-        new.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        new.rename(target)
 
 
 def _export_into(pipeline_dir: Path, bundle: Path, config: ExportConfig, source: str, progress) -> Manifest:
