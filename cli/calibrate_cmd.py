@@ -20,10 +20,11 @@ from latentrt.cli.format import echo_table
 @click.option("--smoothquant-alpha", type=float, default=0.8, show_default=True, help="SmoothQuant strength in [0, 1].")
 @click.option("--no-smoothquant", is_flag=True, help="Do not smooth the linear layers' inputs.")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Regex of node names to keep in high precision (repeatable).")
+@click.option("--guidance", type=float, default=None, help="Guidance scale of the calibration runs (default: the bundle's).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty output directory.")
 def command(bundle, output, precision, prompts_file, num_prompts, steps, method, percentile, smoothquant_alpha, no_smoothquant,
-            exclude, seed, overwrite) -> None:
+            exclude, guidance, seed, overwrite) -> None:
     """Calibrate BUNDLE's denoiser over whole denoising trajectories and write a Q/DQ-quantized bundle.
 
     The new bundle's denoiser is an explicit-quantization ONNX graph for TensorRT (build it with
@@ -43,6 +44,7 @@ def command(bundle, output, precision, prompts_file, num_prompts, steps, method,
         prompts_file=prompts_file,
         num_prompts=num_prompts,
         steps=steps,
+        guidance_scale=guidance,
         seed=seed,
         overwrite=overwrite,
     )
