@@ -190,7 +190,7 @@ class SD3Sizes:
 
 
 TINY = SD3Sizes()
-# benchmarks/: ~9M-parameter MMDiT at 256x256 (32x32 latents, 256 image tokens), so the denoiser dominates.
+# benchmarks/: an 18.6M-parameter MMDiT at 256x256 (32x32 latents, 256 image tokens), so the denoiser dominates.
 BENCH = SD3Sizes(clip_widths=(64, 96), clip_layers=4, t5_width=256, t5_layers=4, dit_layers=8, dit_heads=8, dit_head_dim=32, sample_size=32, vae_channels=(16, 32, 32, 32))
 
 
