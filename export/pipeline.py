@@ -35,7 +35,8 @@ class ExportConfig:
     Attributes:
         opset: ONNX opset (>= 18: LayerNormalization and GroupNormalization are native ops).
         max_batch: the most images per call the bundle is validated and profiled for.
-        max_sequence_length: T5 token length prompts are padded to (SD3: 256 by default, up to 512).
+        max_sequence_length: T5 token length prompts are padded to; None keeps the family's
+            default (SD3 256, Flux 512, PixArt 120, as diffusers), 0 drops the T5 tokens (SD3).
         precision: fp32, or fp16 / bf16 with automatic fp32 islands (export/precision.py); graph
             inputs and outputs stay float32.
         vae_precision: "fp32" keeps the VAE decoder in fp32 whatever `precision` is.
@@ -46,7 +47,7 @@ class ExportConfig:
 
     opset: int = 18
     max_batch: int = 4
-    max_sequence_length: int = 256
+    max_sequence_length: int | None = None
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     vae_precision: Literal["same", "fp32"] = "same"
     tolerance: float = 1e-4
@@ -61,7 +62,7 @@ class ExportConfig:
             raise InputError(f"opset {self.opset} is too old: latentrt exports opset >= 18 (native normalization ops)")
         if self.max_batch < 1:
             raise InputError(f"max_batch must be >= 1, got {self.max_batch}")
-        if not 0 <= self.max_sequence_length <= 512:
+        if self.max_sequence_length is not None and not 0 <= self.max_sequence_length <= 512:
             raise InputError(f"max_sequence_length must be in [0, 512], got {self.max_sequence_length}")
 
 
@@ -103,7 +104,8 @@ def _export_into(pipeline_dir: Path, bundle: Path, config: ExportConfig, source:
     class_name = read_model_index(pipeline_dir).get("_class_name", "")
     family = families.for_pipeline_class(class_name, pipeline_dir)
     loaded = load_pipeline(pipeline_dir, family.required, family.optional)
-    spec = family.describe(loaded, max_batch=config.max_batch, max_sequence_length=config.max_sequence_length)
+    lengths = {} if config.max_sequence_length is None else {"max_sequence_length": config.max_sequence_length}
+    spec = family.describe(loaded, max_batch=config.max_batch, **lengths)
 
     (bundle / "onnx").mkdir()
     components = {}
