@@ -24,6 +24,7 @@ install: $(VENV)/.installed
 DEMO_STEPS := --steps 16 --guidance 3.0
 
 demo: $(VENV)/.installed
+	mkdir -p $(OUT)
 	$(BIN)/latentrt export models/demo/pipeline -o $(OUT)/demo-bundle --max-sequence-length 0 --overwrite
 	$(BIN)/latentrt generate $(OUT)/demo-bundle --grid $(DEMO_STEPS) --seed 0 -o $(OUT)/demo-grid.png \
 		-p "a large red circle on the left" -p "a small blue square at the top on a grey background" \

@@ -14,7 +14,7 @@ import numpy as np
 
 from latentrt.errors import BundleError, InputError
 from latentrt.runtime.families import FAMILIES
-from latentrt.runtime.manifest import AxisRange, Manifest, load_manifest
+from latentrt.runtime.manifest import Manifest, load_manifest
 from latentrt.runtime.tokenizer import PromptTokenizer
 
 logger = logging.getLogger(__name__)
@@ -136,7 +136,8 @@ class Pipeline:
             seed: seeds numpy's default generator for the initial latents (same seed, same image).
             latents: initial latents [n, channels, height / f, width / f] float32 in the denoiser's
                 layout; overrides `seed`, as diffusers' `latents=` does.
-            callback: called as `callback(step, num_inference_steps)` after each denoising step.
+            callback: called as `callback(step, num_inference_steps)` after each denoising step
+                (again for each chunk when more images are asked than the bundle's batch range holds).
         """
         start = time.perf_counter()
         d = self.manifest.defaults
@@ -157,25 +158,43 @@ class Pipeline:
         family = self.family
         shape = family.latent_shape(n, latent_h, latent_w)
         cfg = family.uses_cfg(guidance)
-        self._check_batch(2 * n if cfg else n)
         if latents is None:
             latents = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
         elif latents.shape != shape:
             raise InputError(f"latents have shape {latents.shape}, expected {shape} for {n} images of {height}x{width}")
         latents = np.asarray(latents, dtype=np.float32)
+        negatives = _broadcast_negative(negative_prompt, len(prompts)) if cfg and negative_prompt is not None else None
+        texts = _repeat(prompts, num_images_per_prompt)
+        negatives = None if negatives is None else _repeat(negatives, num_images_per_prompt)
+
+        # More images than the exported batch range holds run in consecutive chunks; the latents were
+        # drawn up front, so an image does not depend on how the call is split.
+        chunk = self._images_per_call(cfg)
+        timings: dict = {"text_encoding": 0.0, "denoising_steps": [0.0] * steps, "vae_decode": 0.0}
+        pixels = []
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            pixels.append(
+                self._generate(
+                    texts[lo:hi], None if negatives is None else negatives[lo:hi], latents[lo:hi], timings,
+                    steps=steps, guidance=guidance, cfg=cfg, height=height, width=width, seq_len=seq_len,
+                    callback=callback,
+                )
+            )
+        pixels = np.concatenate(pixels)
+        timings["total"] = time.perf_counter() - start
+        return PipelineOutput(images=to_pil(pixels), pixels=pixels, timings=timings)
+
+    def _generate(self, texts, negatives, latents, timings, *, steps, guidance, cfg, height, width, seq_len, callback) -> np.ndarray:
+        """One batch through the three stages; adds its stage times to `timings`."""
+        family = self.family
+        n = len(texts)
+        latent_h, latent_w = height // self.manifest.latent.vae_scale_factor, width // self.manifest.latent.vae_scale_factor
 
         # 1. Encode prompts (negatives batched first with guidance, as in diffusers).
         t0 = time.perf_counter()
-        negatives = _broadcast_negative(negative_prompt, len(prompts)) if cfg and negative_prompt is not None else None
-        cond = family.conditioning(
-            _repeat(prompts, num_images_per_prompt),
-            None if negatives is None else _repeat(negatives, num_images_per_prompt),
-            cfg=cfg,
-            height=height,
-            width=width,
-            max_sequence_length=seq_len,
-        )
-        timings: dict = {"text_encoding": time.perf_counter() - t0, "denoising_steps": []}
+        cond = family.conditioning(texts, negatives, cfg=cfg, height=height, width=width, max_sequence_length=seq_len)
+        timings["text_encoding"] += time.perf_counter() - t0
 
         # 2. Denoise.
         schedule = family.schedule(steps, latent_h, latent_w)
@@ -189,25 +208,20 @@ class Pipeline:
                 uncond, text_out = out[:n], out[n:]
                 out = uncond + guidance * (text_out - uncond)
             latents = schedule.step(out, i, latents)
-            timings["denoising_steps"].append(time.perf_counter() - t0)
+            timings["denoising_steps"][i] += time.perf_counter() - t0
             if callback:
                 callback(i + 1, steps)
 
         # 3. Decode.
         t0 = time.perf_counter()
         decoded = self.engines["vae_decoder"]({"latent_sample": family.decoder_input(latents, latent_h, latent_w)})["sample"]
-        timings["vae_decode"] = time.perf_counter() - t0
-        pixels = np.clip(decoded / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
-        timings["total"] = time.perf_counter() - start
-        return PipelineOutput(images=to_pil(pixels), pixels=pixels, timings=timings)
+        timings["vae_decode"] += time.perf_counter() - t0
+        return np.clip(decoded / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
 
-    def _check_batch(self, batch: int) -> None:
-        axis: AxisRange = self.manifest.components[self.family.denoiser].axes["batch"]
-        if batch > axis.max:
-            raise InputError(
-                f"this call needs a denoiser batch of {batch} (images x 2 with guidance), but the bundle was exported "
-                f"for at most {axis.max}; generate fewer images per call or re-export with a larger --max-batch"
-            )
+    def _images_per_call(self, cfg: bool) -> int:
+        """The most images one pass can take within the exported batch ranges (denoiser and VAE)."""
+        denoiser = self.manifest.components[self.family.denoiser].axes["batch"].max // (2 if cfg else 1)
+        return max(1, min(denoiser, self.manifest.components["vae_decoder"].axes["batch"].max))
 
 
 def _repeat(items: list[str], times: int) -> list[str]:
