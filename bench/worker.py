@@ -9,6 +9,7 @@ answers {"timings", "shapes", "peak_rss_mb"}. Timings are seconds per stage, as 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -67,7 +68,10 @@ class TorchBackend:
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
-        self.pipe = DiffusionPipeline.from_pretrained(source, use_safetensors=True)
+        # Components listed as [null, null] (an SD3 model without T5) must be passed as None explicitly.
+        with open(os.path.join(source, "model_index.json")) as f:
+            absent = {k: None for k, v in json.load(f).items() if isinstance(v, list) and v[0] is None}
+        self.pipe = DiffusionPipeline.from_pretrained(source, use_safetensors=True, **absent)
         self.pipe.set_progress_bar_config(disable=True)
         self.stages: dict[str, list[float]] = {}
         for name, module in self.pipe.components.items():

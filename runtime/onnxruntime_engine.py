@@ -38,6 +38,10 @@ class OnnxRuntimeEngine:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
+        # A pipeline runs several sessions one after another, each with its own thread pool: workers
+        # that spin after their session's run steal the cores from the next session (the first
+        # denoising step after text encoding measured 170 ms instead of 77 ms on 2 cores).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self._session = ort.InferenceSession(str(path), options, providers=list(providers))
         except Exception as err:  # onnxruntime raises its own exception types
