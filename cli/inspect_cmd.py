@@ -35,8 +35,8 @@ def command(bundle: str) -> None:
     rows = []
     for name, c in m.components.items():
         size = os.path.getsize(os.path.join(bundle, c.file)) + sum(os.path.getsize(os.path.join(bundle, f)) for f in c.external_data)
-        worst = max((max(v.rel_l2.values()) for v in c.validation), default=float("nan"))
-        rows.append((name, c.precision, f"{size / 2**20:.1f} MiB", f"{worst:.1e}", "; ".join(_shape(s) for s in c.inputs)))
+        worst = max((max(v.rel_l2.values()) for v in c.validation), default=None)
+        rows.append((name, c.precision, f"{size / 2**20:.1f} MiB", "-" if worst is None else f"{worst:.1e}", "; ".join(_shape(s) for s in c.inputs)))
     echo_table(("component", "precision", "size", "rel. L2", "inputs"), rows)
     click.echo("")
     axes = [(name, axis, f"{r.min}..{r.max} (opt {r.opt}, x{r.multiple_of})") for name, c in m.components.items() for axis, r in c.axes.items()]
