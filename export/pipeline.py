@@ -17,7 +17,7 @@ from latentrt.models import families
 from latentrt.models.loader import load_pipeline, read_model_index
 from latentrt.models.presets import PRESETS, save_preset
 from latentrt.runtime.bundle_writer import writing_bundle
-from latentrt.runtime.manifest import Component, Manifest, TokenizerSpec, sha256_file
+from latentrt.runtime.manifest import Component, Manifest, TokenizerSpec, jsonable, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def _export_into(pipeline_dir: Path, bundle: Path, config: ExportConfig, source:
         components=components,
         tokenizers=tokenizers,
         latent=spec.latent,
-        scheduler=_jsonable(spec.scheduler),
+        scheduler=jsonable(spec.scheduler),
         defaults=spec.defaults,
         conditioning=spec.conditioning,
         source=source,
@@ -246,10 +246,3 @@ def _point_external_data(path: Path, location: str) -> None:
                 entry.value = location
     onnx.save_model(model, str(path))
 
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj

@@ -82,7 +82,10 @@ def load_pipeline(path: str | os.PathLike, required: tuple[str, ...], optional: 
         module = {"diffusers": diffusers, "transformers": transformers}.get(library)
         cls = getattr(module, class_name, None) if module else None
         if cls is None:
-            raise InputError(f"component {name!r}: class {library}.{class_name} from {path / 'model_index.json'} is unknown")
+            raise InputError(
+                f"component {name!r}: {path / 'model_index.json'} names the class {library}.{class_name}, which the installed "
+                f"{library or 'library'} does not have; install a version that provides it or fix model_index.json"
+            )
         if name.startswith("tokenizer"):
             components[name] = transformers.AutoTokenizer.from_pretrained(folder)
         elif name == "scheduler":
@@ -91,6 +94,6 @@ def load_pipeline(path: str | os.PathLike, required: tuple[str, ...], optional: 
             _check_weights(folder, name)
             try:
                 components[name] = cls.from_pretrained(folder, use_safetensors=True).eval()
-            except (OSError, ValueError, EnvironmentError) as err:
+            except (OSError, ValueError) as err:
                 raise InputError(f"component {name!r}: could not load {folder}: {err}") from err
     return LoadedPipeline(path=path, class_name=index.get("_class_name", ""), components=components)

@@ -46,6 +46,7 @@ class Flux(Family):
         self.clip = tuple(cond["clip_encoder"])
         self.t5 = tuple(cond["t5_encoder"])
         self.guidance_embeds = bool(cond["guidance_embeds"])
+        self.flow = FlowMatchEulerConfig.from_diffusers(self.manifest.scheduler["config"])
 
     def uses_cfg(self, guidance_scale: float) -> bool:
         return False
@@ -65,8 +66,7 @@ class Flux(Family):
         }
 
     def schedule(self, num_inference_steps: int, latent_height: int, latent_width: int) -> Schedule:
-        config = FlowMatchEulerConfig.from_diffusers(self.manifest.scheduler["config"])
-        mu = calculate_mu((latent_height // 2) * (latent_width // 2), config)
+        mu = calculate_mu((latent_height // 2) * (latent_width // 2), self.flow)
         sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
         return make_schedule(self.manifest.scheduler, num_inference_steps, mu=mu, sigmas=sigmas)
 

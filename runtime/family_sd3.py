@@ -26,6 +26,7 @@ class SD3(Family):
         self.t5 = tuple(cond["t5_encoder"]) if cond["t5_encoder"] else None
         self.joint_dim = int(cond["joint_attention_dim"])
         self.patch = int(cond["patch_size"])
+        self.flow = FlowMatchEulerConfig.from_diffusers(self.manifest.scheduler["config"])
 
     def conditioning(self, prompts, negatives, *, cfg, height, width, max_sequence_length) -> dict[str, np.ndarray]:
         """encoder_hidden_states [b, 77 + L, joint_dim] and pooled_projections [b, P]; with `cfg`, the
@@ -48,10 +49,9 @@ class SD3(Family):
         }
 
     def schedule(self, num_inference_steps: int, latent_height: int, latent_width: int) -> Schedule:
-        config = FlowMatchEulerConfig.from_diffusers(self.manifest.scheduler["config"])
         mu = None
-        if config.use_dynamic_shifting:
-            mu = calculate_mu((latent_height // self.patch) * (latent_width // self.patch), config)
+        if self.flow.use_dynamic_shifting:
+            mu = calculate_mu((latent_height // self.patch) * (latent_width // self.patch), self.flow)
         return make_schedule(self.manifest.scheduler, num_inference_steps, mu=mu)
 
     def denoiser_feeds(self, x: np.ndarray, t: np.float32, cond: dict[str, np.ndarray], guidance_scale: float) -> dict[str, np.ndarray]:

@@ -193,7 +193,7 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_jsonable(dataclasses.asdict(self))
+        return jsonable(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
@@ -216,11 +216,12 @@ class Manifest:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
-def _to_jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """Dicts with str keys and lists all the way down (tuples become lists), as JSON reads them back."""
     if isinstance(obj, dict):
-        return {k: _to_jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_to_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     return obj
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: one tiny-sd3 pipeline directory and one bundle per test session."""
+"""Shared fixtures: tiny preset pipeline directories and their bundles, built once per test session."""
 
 from __future__ import annotations
 
@@ -6,16 +6,41 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def tiny_sd3_dir(tmp_path_factory):
+def preset_source(tmp_path_factory):
+    """`preset_source(name)`: the diffusers pipeline directory of a built-in preset (built once)."""
     from latentrt.models.presets import save_preset
 
-    return save_preset("tiny-sd3", tmp_path_factory.mktemp("tiny-sd3-source"))
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = save_preset(name, tmp_path_factory.mktemp(f"{name}-source"))
+        return cache[name]
+
+    return get
 
 
 @pytest.fixture(scope="session")
-def tiny_sd3_bundle(tiny_sd3_dir, tmp_path_factory):
+def preset_bundle(preset_source, tmp_path_factory):
+    """`preset_bundle(name)`: the fp32 bundle exported from `preset_source(name)` with defaults (built once)."""
     from latentrt.export.pipeline import export_pipeline
 
-    bundle = tmp_path_factory.mktemp("bundles") / "tiny-sd3"
-    export_pipeline(tiny_sd3_dir, bundle)
-    return bundle
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = tmp_path_factory.mktemp("bundles") / name
+            export_pipeline(preset_source(name), cache[name])
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(preset_source):
+    return preset_source("tiny-sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_bundle(preset_bundle):
+    return preset_bundle("tiny-sd3")

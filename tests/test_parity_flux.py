@@ -6,23 +6,19 @@ import numpy as np
 import pytest
 import torch
 
-from latentrt.export.pipeline import export_pipeline
-from latentrt.models.presets import save_preset
 from latentrt.runtime.family_flux import image_ids, pack_latents, unpack_latents
 from latentrt.runtime.manifest import load_manifest
 from latentrt.runtime.pipeline import Pipeline
 
 
 @pytest.fixture(scope="module")
-def flux_source(tmp_path_factory):
-    return save_preset("tiny-flux", tmp_path_factory.mktemp("tiny-flux"))
+def flux_source(preset_source):
+    return preset_source("tiny-flux")
 
 
 @pytest.fixture(scope="module")
-def flux_bundle(flux_source, tmp_path_factory):
-    bundle = tmp_path_factory.mktemp("bundles") / "tiny-flux"
-    export_pipeline(flux_source, bundle)
-    return bundle
+def flux_bundle(preset_bundle):
+    return preset_bundle("tiny-flux")
 
 
 def test_packing_matches_diffusers():

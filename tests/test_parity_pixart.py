@@ -6,22 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from latentrt.export.pipeline import ExportConfig, export_pipeline
-from latentrt.models.presets import save_preset
 from latentrt.runtime.manifest import load_manifest
 from latentrt.runtime.pipeline import Pipeline
 
 
 @pytest.fixture(scope="module")
-def pixart_source(tmp_path_factory):
-    return save_preset("tiny-pixart", tmp_path_factory.mktemp("tiny-pixart"))
+def pixart_source(preset_source):
+    return preset_source("tiny-pixart")
 
 
 @pytest.fixture(scope="module")
-def pixart_bundle(pixart_source, tmp_path_factory):
-    bundle = tmp_path_factory.mktemp("bundles") / "tiny-pixart"
-    export_pipeline(pixart_source, bundle, ExportConfig(max_sequence_length=120))
-    return bundle
+def pixart_bundle(preset_bundle):
+    return preset_bundle("tiny-pixart")
 
 
 def test_manifest(pixart_bundle):

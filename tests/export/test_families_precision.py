@@ -8,7 +8,6 @@ import pytest
 
 from latentrt.engines import BuildConfig, build_engines, is_available
 from latentrt.export.pipeline import HALF_TOLERANCE, ExportConfig, export_pipeline
-from latentrt.models.presets import save_preset
 from latentrt.runtime.manifest import load_manifest
 from latentrt.runtime.pipeline import Pipeline
 
@@ -16,8 +15,8 @@ PRESETS = ["tiny-sd3", "tiny-flux", "tiny-pixart", "tiny-sd15", "tiny-sdxl"]
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-    return {name: save_preset(name, tmp_path_factory.mktemp(name)) for name in PRESETS}
+def sources(preset_source):
+    return {name: preset_source(name) for name in PRESETS}
 
 
 @pytest.mark.parametrize("preset", PRESETS)
