@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from latentrt.errors import ExportError
+from latentrt.export.graph_passes import fold_squeeze_ifs, fuse_parallel_matmuls, integer_ranges
 from latentrt.models.spec import ComponentExport, TensorTemplate
 from latentrt.runtime.manifest import TensorSpec, Validation
 
@@ -56,14 +57,39 @@ def _rms_norm_symbolic(g, input, normalized_shape, weight, eps):
     return out if symbolic_helper._is_none(weight) else g.op("Mul", out, weight)
 
 
+def _gelu_symbolic(g, input, approximate="none"):
+    """aten::gelu; the tanh approximation as `0.5x * (1 + tanh(0.79788456 * (x + 0.044715 * x^3)))`.
+
+    That is the form ONNX Runtime's FastGeluFusion matches (TorchScript's own writes x^3 as two Muls
+    and is left as nine elementwise ops); TensorRT fuses either form. The exact (erf) GELU keeps
+    PyTorch's symbolic.
+    """
+    from torch.onnx import symbolic_helper, symbolic_opset9
+
+    if symbolic_helper._maybe_get_const(approximate, "s") != "tanh":
+        return symbolic_opset9.gelu(g, input, approximate)
+
+    def const(value: float):
+        return g.op("Constant", value_t=torch.tensor(value, dtype=torch.float32))
+
+    inner = g.op("Add", input, g.op("Mul", g.op("Pow", input, const(3.0)), const(0.044715)))
+    tanh = g.op("Tanh", g.op("Mul", inner, const(0.7978845834732056)))
+    return g.op("Mul", g.op("Mul", input, const(0.5)), g.op("Add", tanh, const(1.0)))
+
+
+_EXTRA_SYMBOLICS = {"aten::rms_norm": _rms_norm_symbolic, "aten::gelu": _gelu_symbolic}
+
+
 @contextlib.contextmanager
 def _extra_symbolics(opset: int):
-    """Register symbolics the TorchScript exporter lacks, only for the duration of one export."""
-    torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, opset)
+    """Register symbolics that the TorchScript exporter lacks or writes badly, for one export only."""
+    for name, fn in _EXTRA_SYMBOLICS.items():
+        torch.onnx.register_custom_op_symbolic(name, fn, opset)
     try:
         yield
     finally:
-        torch.onnx.unregister_custom_op_symbolic("aten::rms_norm", opset)
+        for name in _EXTRA_SYMBOLICS:
+            torch.onnx.unregister_custom_op_symbolic(name, opset)
 
 
 def _dynamic_shapes(comp: ComponentExport) -> tuple[dict[int, Any], ...]:
@@ -116,8 +142,9 @@ def export_component(comp: ComponentExport, path: Path, *, opset: int = 18) -> l
             raise ExportError(f"component {comp.name!r}: torch.onnx.export failed: {err}") from err
         model = onnx.load(str(traced), load_external_data=True)
     _declare_output_shapes(model, comp.outputs)
-    _fold_squeeze_ifs(model)
-    _integer_ranges(model)
+    fold_squeeze_ifs(model)
+    integer_ranges(model)
+    fuse_parallel_matmuls(model)
     if large:
         data_name = path.name + ".data"
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
@@ -126,78 +153,6 @@ def export_component(comp: ComponentExport, path: Path, *, opset: int = 18) -> l
     onnx.save_model(model, str(path))
     onnx.checker.check_model(model)
     return []
-
-
-def _fold_squeeze_ifs(model) -> None:
-    """Replace `If(dim == 1) {Squeeze} else {Identity}` by Identity when only Reshapes read the result.
-
-    The TorchScript exporter writes `x.squeeze(k)` on a dynamic dim as that If, which TensorRT
-    rejects (it checks both branches). A Reshape to an explicit shape gives the same tensor whether
-    or not a size-1 axis was squeezed first (PixArt's unpatchify reshapes right after its squeeze).
-    """
-    import onnx
-
-    graph = model.graph
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for t in n.input:
-            consumers.setdefault(t, []).append(n)
-    graph_outputs = {o.name for o in graph.output}
-    for node in list(graph.node):
-        if node.op_type != "If" or len(node.output) != 1:
-            continue
-        branches = {a.name: [n.op_type for n in a.g.node] for a in node.attribute}
-        if branches.get("then_branch", [])[-1:] != ["Squeeze"] or branches.get("else_branch") != ["Identity"]:
-            continue
-        out = node.output[0]
-        if out in graph_outputs or not all(c.op_type == "Reshape" and c.input[0] == out for c in consumers.get(out, [])):
-            continue
-        source = next(a.g for a in node.attribute if a.name == "else_branch").node[0].input[0]
-        index = list(graph.node).index(node)
-        graph.node.remove(node)
-        graph.node.insert(index, onnx.helper.make_node("Identity", [source], [out], name=node.name + "/folded"))
-
-
-def _integer_ranges(model) -> None:
-    """Rewrite float `Range(start, limit, 1)` with a constant integer start as Cast(Range over int64).
-
-    TensorRT-RTX's Myelin compiler rejects float Range ops (the sinusoidal position embeddings of
-    PixArt write `arange(n, dtype=float32)`); with delta 1 and an integer start, the int64 Range from
-    `start` to `ceil(limit)` has the same elements.
-    """
-    import onnx
-    from onnx import numpy_helper
-
-    graph = model.graph
-    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for n in graph.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            constants[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-    nodes = []
-    for n in graph.node:
-        start, delta = constants.get(n.input[0]) if n.op_type == "Range" else None, constants.get(n.input[2]) if n.op_type == "Range" else None
-        if (
-            n.op_type == "Range"
-            and start is not None
-            and delta is not None
-            and start.dtype == np.float32
-            and float(delta) == 1.0
-            and float(start).is_integer()
-        ):
-            p = n.name or n.output[0]
-            int64 = onnx.TensorProto.INT64
-            nodes += [
-                onnx.helper.make_node("Constant", [], [f"{p}/start_i"], value=numpy_helper.from_array(np.array(int(start), np.int64))),
-                onnx.helper.make_node("Constant", [], [f"{p}/delta_i"], value=numpy_helper.from_array(np.array(1, np.int64))),
-                onnx.helper.make_node("Ceil", [n.input[1]], [f"{p}/limit_ceil"]),
-                onnx.helper.make_node("Cast", [f"{p}/limit_ceil"], [f"{p}/limit_i"], to=int64),
-                onnx.helper.make_node("Range", [f"{p}/start_i", f"{p}/limit_i", f"{p}/delta_i"], [f"{p}/range_i"], name=p),
-                onnx.helper.make_node("Cast", [f"{p}/range_i"], list(n.output), to=onnx.TensorProto.FLOAT, name=p + "/to_float"),
-            ]
-        else:
-            nodes.append(n)
-    del graph.node[:]
-    graph.node.extend(nodes)
 
 
 def _declare_output_shapes(model, templates) -> None:
