@@ -131,8 +131,11 @@ def select_layers(
 ) -> tuple[list[Layer], dict[str, str], list[str]]:
     """Split layers into (quantized, {excluded node: reason}, user patterns that matched nothing).
 
-    Excluded: names matching a default pattern, the first Conv and the last layer of the graph (the
-    patch embedding and the final projection in every family), and names matching a user pattern.
+    Excluded: names matching a default pattern; Gemms, which the exporters write for Linears over
+    one vector per sample (timestep and pooled-text embeddings, AdaLN modulation): their cost is
+    nothing next to the per-token layers, and their error would scale and shift every token; the first
+    Conv and the last layer of the graph (the patch embedding and the final projection in every
+    family); and names matching a user pattern.
     """
     excluded: dict[str, str] = {}
     default_res = [re.compile(p) for p in defaults]
@@ -140,6 +143,8 @@ def select_layers(
         hit = next((r.pattern for r in default_res if r.search(layer.node)), None)
         if hit:
             excluded[layer.node] = f"default pattern {hit!r}"
+        elif layer.op == "Gemm":
+            excluded[layer.node] = "per-sample projection (Gemm)"
     convs = [layer for layer in layers if layer.op == "Conv"]
     if convs:
         excluded.setdefault(convs[0].node, "first Conv")

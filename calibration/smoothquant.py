@@ -12,13 +12,15 @@ stays a plain graph (later a plain Q/DQ graph) with no new op on the activation 
 - Cast/Identity, Unsqueeze of a non-channel axis: through to their input;
 - LayerNormalization: into its scale and bias; MatMul/Gemm with constant weights: into the weight's
   output channels (and the Gemm bias);
-- a constant operand (e.g. the 0.5 of a tanh-GELU) becomes `constant / s` (broadcast to [C]);
+- a constant operand becomes `constant / s` (broadcast to [C]);
 - a small per-sample tensor (rank <= 2, e.g. AdaLN's shift/scale [batch, C]) that cannot take it
   gets an explicit Mul by 1/s, costing batch x C multiplies.
 
 Every tensor on the way must feed only that path. When the fold fails (the activation also feeds
 another op, or comes from an op that does not commute with per-channel scaling such as a Reshape of
-attention heads), the layer is not smoothed and the reason is recorded.
+attention heads), the layer is not smoothed and the reason is recorded. A tanh-GELU's output is not
+folded into its 0.5 either: ONNX Runtime fuses the GELU into one FastGelu kernel only with that exact
+constant, and the original paper smooths only the linears that follow a LayerNorm.
 
 Paper: Xiao et al., "SmoothQuant", ICML 2023, https://arxiv.org/abs/2211.10438
 """
@@ -162,6 +164,8 @@ class _FoldPlanner:
             a, b = self.plan_edge(node, 0), self.plan_edge(node, 1)
             return None if a is None or b is None else a + b
         if op == "Mul":
+            if _is_tanh_gelu_output(index, node):
+                return None
             for i in sorted((0, 1), key=lambda i: not index.is_constant(node.input[i])):
                 plan = self.plan_edge(node, i)
                 if plan is not None:
@@ -234,6 +238,17 @@ class _FoldPlanner:
     def _const_ok(self, name: str) -> bool:
         value = self.index.constant(name)
         return value.dtype == np.float32 and (value.ndim == 0 or value.shape[-1] in (1, self.channels))
+
+
+def _is_tanh_gelu_output(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    """`node` is the last Mul of `(x * 0.5) * (1 + tanh(...))`."""
+    for name in node.input:
+        add = index.producer.get(name)
+        if add is not None and add.op_type == "Add" and any(
+            index.producer.get(i) is not None and index.producer[i].op_type == "Tanh" for i in add.input
+        ):
+            return True
+    return False
 
 
 def _apply(model: onnx.ModelProto, index: GraphIndex, action: tuple, v: np.ndarray, names, inserts: dict) -> None:
