@@ -33,10 +33,14 @@ class Family:
 
     denoiser = "transformer"
 
+    #: how many negative-prompt encodings `encode` keeps (per component and length)
+    negative_cache_size = 8
+
     def __init__(self, manifest: Manifest, engines: Mapping[str, Engine], tokenizers: Mapping[str, PromptTokenizer]) -> None:
         self.manifest = manifest
         self.engines = engines
         self.tokenizers = tokenizers
+        self._negatives: dict[tuple, dict[str, np.ndarray]] = {}
         try:
             self.setup(manifest.conditioning)
         except (KeyError, TypeError, ValueError) as err:
@@ -47,8 +51,29 @@ class Family:
     def setup(self, conditioning: dict) -> None:
         """Read the family's parameters from the manifest's `conditioning` block."""
 
-    def encode(self, component: str, tokenizer: str, prompts: list[str], max_length: int | None = None) -> dict[str, np.ndarray]:
-        return self.engines[component]({"input_ids": self.tokenizers[tokenizer](prompts, max_length)})
+    def encode(
+        self, component: str, tokenizer: str, prompts: list[str], max_length: int | None = None, *, negatives: int = 0
+    ) -> dict[str, np.ndarray]:
+        """Run a text encoder on `prompts`; outputs have one row per prompt.
+
+        The first `negatives` prompts are classifier-free guidance's negative prompts: the same ("" by
+        default) call after call, so their rows are kept and only the prompts not seen before run
+        through the encoder. Each row is computed independently, so a kept row equals a fresh one.
+        """
+        key = (component, tokenizer, max_length)
+        kept = {i: self._negatives[(*key, p)] for i, p in enumerate(prompts[:negatives]) if (*key, p) in self._negatives}
+        todo = [i for i in range(len(prompts)) if i not in kept]
+        fresh = self.engines[component]({"input_ids": self.tokenizers[tokenizer]([prompts[i] for i in todo], max_length)}) if todo else {}
+        for j, i in enumerate(todo):
+            if i >= negatives:
+                break
+            self._negatives[(*key, prompts[i])] = {name: value[j : j + 1].copy() for name, value in fresh.items()}
+        while len(self._negatives) > self.negative_cache_size:
+            del self._negatives[next(iter(self._negatives))]
+        if not kept:
+            return fresh
+        rows = {i: {name: value[j : j + 1] for name, value in fresh.items()} for j, i in enumerate(todo)} | kept
+        return {name: np.concatenate([rows[i][name] for i in range(len(prompts))]) for name in rows[0]}
 
     def uses_cfg(self, guidance_scale: float) -> bool:
         return guidance_scale > 1.0

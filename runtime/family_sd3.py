@@ -34,13 +34,13 @@ class SD3(Family):
         text = (negatives or [""] * len(prompts)) + prompts if cfg else prompts
         hidden, pooled = [], []
         for component, tokenizer in self.clip:
-            out = self.encode(component, tokenizer, text)
+            out = self.encode(component, tokenizer, text, negatives=len(text) - len(prompts))
             hidden.append(out["penultimate_hidden_state"])
             pooled.append(out["text_embeds"])
         clip = np.concatenate(hidden, axis=-1)
         clip = np.pad(clip, ((0, 0), (0, 0), (0, self.joint_dim - clip.shape[-1])))
         if self.t5 is not None and max_sequence_length > 0:
-            t5 = self.encode(*self.t5, text, max_sequence_length)["last_hidden_state"]
+            t5 = self.encode(*self.t5, text, max_sequence_length, negatives=len(text) - len(prompts))["last_hidden_state"]
         else:
             t5 = np.zeros((len(text), max_sequence_length, self.joint_dim), dtype=np.float32)
         return {

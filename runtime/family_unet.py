@@ -21,17 +21,19 @@ class StableDiffusion(Family):
         self.text_encoders = [tuple(pair) for pair in cond["text_encoders"]]
         self.hidden_state = str(cond["hidden_state"])
 
-    def encode_text(self, text: list[str]) -> tuple[np.ndarray, dict[str, dict[str, np.ndarray]]]:
+    def encode_text(self, text: list[str], negatives: int = 0) -> tuple[np.ndarray, dict[str, dict[str, np.ndarray]]]:
         """Every encoder's chosen hidden state, concatenated along features [len(text), 77, sum(hidden)],
-        and each encoder's raw outputs."""
-        outputs = {component: self.encode(component, tokenizer, text) for component, tokenizer in self.text_encoders}
+        and each encoder's raw outputs; the first `negatives` rows are negative prompts (see `encode`)."""
+        outputs = {
+            component: self.encode(component, tokenizer, text, negatives=negatives) for component, tokenizer in self.text_encoders
+        }
         hidden = np.concatenate([out[self.hidden_state] for out in outputs.values()], axis=-1)
         return hidden, outputs
 
     def conditioning(self, prompts, negatives, *, cfg, height, width, max_sequence_length) -> dict[str, np.ndarray]:
         """encoder_hidden_states [b, 77, cross_dim]; with `cfg`, rows are [negatives..., prompts...]."""
         text = (negatives or [""] * len(prompts)) + prompts if cfg else prompts
-        hidden, _ = self.encode_text(text)
+        hidden, _ = self.encode_text(text, len(text) - len(prompts))
         return {"encoder_hidden_states": hidden}
 
     def denoiser_feeds(self, x: np.ndarray, t, cond: dict[str, np.ndarray], guidance_scale: float) -> dict[str, np.ndarray]:
@@ -63,7 +65,7 @@ class StableDiffusionXL(StableDiffusion):
         with `cfg`, rows are [negatives..., prompts...]."""
         zeros = cfg and self.force_zeros and negatives is None
         text = (negatives or [""] * len(prompts)) + prompts if cfg and not zeros else prompts
-        hidden, outputs = self.encode_text(text)
+        hidden, outputs = self.encode_text(text, len(text) - len(prompts))
         component, output = self.pooled
         pooled = outputs[component][output]
         if zeros:

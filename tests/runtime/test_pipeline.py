@@ -26,6 +26,27 @@ def test_same_seed_same_image_bit_for_bit(pipe):
     assert np.abs(a.pixels - c.pixels).max() > 1e-3
 
 
+def test_negative_prompts_are_encoded_once(tiny_sd3_bundle):
+    """With guidance, the negative prompt's rows are kept: later calls encode only their prompts,
+    and give the image a pipeline without kept rows gives."""
+    pipe = Pipeline.load(tiny_sd3_bundle)
+    batches = []
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        engine = pipe.engines[name]
+        pipe.engines[name] = lambda feeds, engine=engine, name=name: batches.append((name, len(feeds["input_ids"]))) or engine(feeds)
+    first = pipe(["a red cat", "a blue dog"], negative_prompt="blurry", num_inference_steps=2, seed=4)
+    assert batches == [(name, 4) for name in ("text_encoder", "text_encoder_2", "text_encoder_3")]
+    batches.clear()
+    second = pipe(["a red cat", "a blue dog"], negative_prompt="blurry", num_inference_steps=2, seed=4)
+    assert batches == [(name, 2) for name in ("text_encoder", "text_encoder_2", "text_encoder_3")]
+    np.testing.assert_allclose(second.pixels, first.pixels, atol=1e-5)
+    batches.clear()
+    pipe(["a red cat"], negative_prompt=["sharp"], num_inference_steps=1, seed=4)
+    assert batches == [(name, 2) for name in ("text_encoder", "text_encoder_2", "text_encoder_3")]
+    fresh = Pipeline.load(tiny_sd3_bundle)(["a red cat", "a blue dog"], negative_prompt="blurry", num_inference_steps=2, seed=4)
+    np.testing.assert_allclose(second.pixels, fresh.pixels, atol=1e-5)
+
+
 def test_outputs_and_timings(pipe):
     out = pipe(["a red cat", "a blue dog"], num_inference_steps=3, num_images_per_prompt=2, height=64, width=96, seed=0)
     assert out.pixels.shape == (4, 64, 96, 3) and out.pixels.dtype == np.float32
