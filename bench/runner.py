@@ -9,6 +9,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +24,10 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8", "tensorrt")
 STAGES = ("text_encoding", "denoising_step", "vae_decode", "end_to_end")
+# Pause before each request: worker threads of the backend that ran just before (OpenMP's in torch)
+# keep spinning for a while after their call and would take the cores from the next backend's first
+# stage (text encoding measured 7-19 ms on ONNX Runtime depending on whether torch ran just before).
+SETTLE_S = 0.3
 
 
 @dataclass(frozen=True)
@@ -200,6 +205,7 @@ def run_bench(config: BenchConfig, *, progress: Callable[[str], None] | None = N
                 if progress:
                     progress(f"repetition {rep + 1}/{config.warmup + config.runs}")
                 for backend in order:
+                    time.sleep(SETTLE_S)
                     image = tmp / f"{backend}.npy"
                     replies[backend] = workers[backend].ask({"kwargs": kwargs, "latents": str(tmp / "latents.npy"), "image": str(image)})
                     if rep >= config.warmup:
