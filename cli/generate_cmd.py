@@ -40,7 +40,7 @@ def command(bundle, prompt, output, negative_prompt, steps, guidance, seed, heig
             width=width,
             num_images_per_prompt=num_images,
             seed=seed,
-            callback=lambda i, n: bar.update(1),
+            callback=lambda i, n: _advance(bar, i),
         )
     if grid:
         from latentrt.cli.grid import make_grid
@@ -60,3 +60,10 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     if count == 1:
         return [output]
     return [output.with_name(f"{output.stem}_{i}{output.suffix or '.png'}") for i in range(count)]
+
+
+def _advance(bar, step: int) -> None:
+    """One denoising step done; more images than one pass holds run in chunks, each from step 1."""
+    if step == 1 and bar.n:
+        bar.reset()
+    bar.update(1)
