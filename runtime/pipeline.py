@@ -58,6 +58,7 @@ class Pipeline:
             for name, spec in manifest.tokenizers.items()
         }
         self.family = FAMILIES[manifest.family](manifest, engines, tokenizers)
+        self._device_denoiser = None  # built on first use: TensorRT only (runtime/tensorrt_loop.py)
 
     @classmethod
     def load(
@@ -199,24 +200,58 @@ class Pipeline:
         # 2. Denoise.
         schedule = family.schedule(steps, latent_h, latent_w)
         latents = latents * np.float32(schedule.init_noise_sigma)
-        denoiser = self.engines[family.denoiser]
-        for i, t in enumerate(schedule.timesteps):
-            t0 = time.perf_counter()
-            model_in = schedule.scale_model_input(np.concatenate([latents, latents]) if cfg else latents, i)
-            out = family.model_output(denoiser(family.denoiser_feeds(model_in, t, cond, guidance)))
-            if cfg:
-                uncond, text_out = out[:n], out[n:]
-                out = uncond + guidance * (text_out - uncond)
-            latents = schedule.step(out, i, latents)
-            timings["denoising_steps"][i] += time.perf_counter() - t0
-            if callback:
-                callback(i + 1, steps)
+        feeds = lambda x, t: family.denoiser_feeds(x, t, cond, guidance)  # noqa: E731
+        device_loop = self._device_loop(schedule, latents, feeds)
+        if device_loop is not None:  # TensorRT: every step on the GPU
+            latents = device_loop.run(
+                latents, feeds, schedule.timesteps, schedule.sigmas,
+                guidance=guidance, cfg=cfg, callback=callback, step_times=timings["denoising_steps"],
+            )
+        else:
+            denoiser = self.engines[family.denoiser]
+            for i, t in enumerate(schedule.timesteps):
+                t0 = time.perf_counter()
+                model_in = schedule.scale_model_input(np.concatenate([latents, latents]) if cfg else latents, i)
+                out = family.model_output(denoiser(feeds(model_in, t)))
+                if cfg:
+                    uncond, text_out = out[:n], out[n:]
+                    out = uncond + guidance * (text_out - uncond)
+                latents = schedule.step(out, i, latents)
+                timings["denoising_steps"][i] += time.perf_counter() - t0
+                if callback:
+                    callback(i + 1, steps)
 
         # 3. Decode.
         t0 = time.perf_counter()
         decoded = self.engines["vae_decoder"]({"latent_sample": family.decoder_input(latents, latent_h, latent_w)})["sample"]
         timings["vae_decode"] += time.perf_counter() - t0
         return np.clip(decoded / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+
+    def _device_loop(self, schedule, latents: np.ndarray, feeds: Callable):
+        """A `DeviceDenoiser` when the whole loop can run on the GPU (TensorRT, flow matching, the
+        model output is one denoiser output unchanged), else None (the loop runs in numpy)."""
+        from latentrt.runtime.scheduler_flow_match import FlowMatchSchedule
+
+        denoiser = self.engines[self.family.denoiser]
+        if not isinstance(schedule, FlowMatchSchedule) or not hasattr(denoiser, "bind"):
+            return None
+        if self._device_denoiser is None:
+            from latentrt.runtime.tensorrt_engine import OnDevice
+            from latentrt.runtime.tensorrt_loop import DeviceDenoiser
+
+            marker = OnDevice(latents.shape)
+            latent_input = next((n for n, v in feeds(marker, np.float32(0)).items() if v is marker), None)
+            sentinels = {spec.name: object() for spec in denoiser.outputs}
+            try:
+                picked = self.family.model_output(sentinels)
+            except (TypeError, IndexError, AttributeError):  # the family post-processes the output
+                picked = None
+            velocity = next((n for n, v in sentinels.items() if v is picked), None)
+            if latent_input is None or velocity is None:
+                self._device_denoiser = False
+            else:
+                self._device_denoiser = DeviceDenoiser(denoiser, latent_input, velocity)
+        return self._device_denoiser or None
 
     def _images_per_call(self, cfg: bool) -> int:
         """The most images one pass can take within the exported batch ranges (denoiser and VAE)."""

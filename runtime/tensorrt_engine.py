@@ -59,6 +59,13 @@ class BufferPlan:
     nbytes: int
 
 
+@dataclass(frozen=True)
+class OnDevice:
+    """An input whose data is already in device memory (see `TensorRTEngine.stage`): only its shape."""
+
+    shape: tuple[int, ...]
+
+
 def resolve_shape(shape: Sequence[int | str], sizes: Mapping[str, int]) -> tuple[int, ...]:
     """Replace axis names by their sizes: ("batch", 16, "h") with {"batch": 2, "h": 8} -> (2, 16, 8).
 
@@ -242,8 +249,8 @@ class DeviceBuffers:
     def address(self, name: str) -> int:
         return self._ptrs[name]
 
-    def upload(self, name: str, array: np.ndarray) -> None:
-        """Queue a copy of `array` into buffer `name`.
+    def upload(self, name: str, array: np.ndarray, *, stream: int | None = None) -> None:
+        """Queue a copy of `array` into buffer `name` (on `stream`, by default this object's).
 
         Raises:
             InputError: the array is larger than the buffer planned for it.
@@ -255,8 +262,17 @@ class DeviceBuffers:
                 f"(planned for shape {self.plans[name].shape})"
             )
         kind = self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        self._check(self._cudart.cudaMemcpyAsync(self._ptrs[name], array.ctypes.data, array.nbytes, kind, self.stream), "cudaMemcpyAsync")
+        target = self.stream if stream is None else stream
+        self._check(self._cudart.cudaMemcpyAsync(self._ptrs[name], array.ctypes.data, array.nbytes, kind, target), "cudaMemcpyAsync")
         self._pending.append(array)
+
+    def copy_within(self, dst: str, src: str, nbytes: int, *, stream: int | None = None) -> None:
+        """Queue a device-to-device copy of `nbytes` from buffer `src` to buffer `dst`."""
+        if nbytes > min(self.plans[dst].nbytes, self.plans[src].nbytes):
+            raise InputError(f"{nbytes} bytes do not fit buffers {dst!r} and {src!r}")
+        kind = self._cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        target = self.stream if stream is None else stream
+        self._check(self._cudart.cudaMemcpyAsync(self._ptrs[dst], self._ptrs[src], nbytes, kind, target), "cudaMemcpyAsync")
 
     def download(self, name: str, shape: Sequence[int], dtype: Any) -> np.ndarray:
         """Queue a copy of buffer `name`'s first `shape` elements into a new array (valid after `synchronize()`)."""
@@ -303,10 +319,10 @@ class TensorRTEngine:
     The engine owns device memory and a CUDA stream: use it as a context manager or call
     `close()`. Calls are synchronous and not thread-safe (one execution context).
 
-    Host traffic per denoising step: an input passed as the same ndarray object as in the previous
-    call is not copied again (the sampling loop passes its conditioning arrays unchanged every
-    step), so a step uploads the latents and timestep and downloads the model output: one host
-    round trip. Do not modify an input array in place between calls.
+    Host traffic when called with arrays: an input passed as the same ndarray object as in the
+    previous call is not copied again (do not modify it in place between calls). The pipeline's
+    flow-matching loop does not call it per step: it stages inputs, binds buffers across engines
+    and enqueues (`stage`, `bind`, `enqueue`; runtime/tensorrt_loop.py), so latents stay on the GPU.
 
     Raises:
         InputError: TensorRT or cuda-python is not installed.
@@ -328,6 +344,8 @@ class TensorRTEngine:
         self.inputs = tuple(inputs)
         self.outputs = tuple(outputs)
         self.path = Path(path)
+        self.target = target
+        self.device = device
         self._buffers: DeviceBuffers | None = None
         library = load_library(target)  # type: ignore[arg-type]
         trt = library.module
@@ -378,28 +396,61 @@ class TensorRTEngine:
         log.debug("%s: %d MiB of device buffers", self.path.name, sum(p.nbytes for p in self.plans.values()) >> 20)
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        buffers = self._buffers
-        if buffers is None:
-            raise LatentRTError(f"engine {self.path} is closed")
-        for spec in self.inputs:
-            if spec.name in feeds and feeds[spec.name].dtype != numpy_dtype(spec.dtype):
-                raise InputError(f"input {spec.name!r} has dtype {feeds[spec.name].dtype}, expected {spec.dtype}")
-        check_feed_shapes({n: a.shape for n, a in feeds.items()}, self.profile)
-        for spec in self.inputs:
-            array = feeds[spec.name]
-            if not self._context.set_input_shape(spec.name, array.shape):
-                raise InputError(f"the engine rejected input {spec.name!r} of shape {array.shape}: " + "; ".join(self._logger.errors))
-            if self._resident.get(spec.name) is not array:
-                buffers.upload(spec.name, array)
-                self._resident[spec.name] = array
-        if not self._context.execute_async_v3(buffers.stream):
-            raise LatentRTError(f"engine {self.path} failed to execute: " + "; ".join(self._logger.errors))
-        results = {
-            spec.name: buffers.download(spec.name, self._context.get_tensor_shape(spec.name), numpy_dtype(spec.dtype))
-            for spec in self.outputs
-        }
+        self.stage(feeds)
+        self.enqueue()
+        buffers = self.buffers
+        results = {spec.name: buffers.download(spec.name, self.output_shape(spec.name), numpy_dtype(spec.dtype)) for spec in self.outputs}
         buffers.synchronize()
         return results
+
+    @property
+    def buffers(self) -> DeviceBuffers:
+        if self._buffers is None:
+            raise LatentRTError(f"engine {self.path} is closed")
+        return self._buffers
+
+    def stage(self, feeds: Mapping[str, np.ndarray | OnDevice], *, stream: int | None = None) -> None:
+        """Set every input's shape and queue the upload of each array that is not on the device yet.
+
+        `OnDevice(shape)` in place of an array means the input's data is already on the device: in
+        its own buffer, or in another engine's buffer bound with `bind`.
+        """
+        shapes = {n: tuple(v.shape) for n, v in feeds.items()}
+        for spec in self.inputs:
+            value = feeds.get(spec.name)
+            if isinstance(value, np.ndarray) and value.dtype != numpy_dtype(spec.dtype):
+                raise InputError(f"input {spec.name!r} has dtype {value.dtype}, expected {spec.dtype}")
+        check_feed_shapes(shapes, self.profile)
+        buffers = self.buffers
+        for spec in self.inputs:
+            value = feeds[spec.name]
+            if not self._context.set_input_shape(spec.name, shapes[spec.name]):
+                raise InputError(f"the engine rejected input {spec.name!r} of shape {shapes[spec.name]}: " + "; ".join(self._logger.errors))
+            if isinstance(value, np.ndarray) and self._resident.get(spec.name) is not value:
+                buffers.upload(spec.name, value, stream=stream)
+                self._resident[spec.name] = value
+            elif not isinstance(value, np.ndarray):
+                self._resident.pop(spec.name, None)
+
+    def enqueue(self, stream: int | None = None) -> None:
+        """Queue one execution with the staged shapes (on `stream`, by default the engine's)."""
+        if not self._context.execute_async_v3(self.buffers.stream if stream is None else stream):
+            raise LatentRTError(f"engine {self.path} failed to execute: " + "; ".join(self._logger.errors))
+
+    def address(self, name: str) -> int:
+        """The device address tensor `name` is bound to."""
+        return int(self._context.get_tensor_address(name))
+
+    def bind(self, name: str, address: int) -> None:
+        """Bind tensor `name` to device memory owned elsewhere (another engine's buffer), sized for
+        this engine's largest shape of it."""
+        if not self._context.set_tensor_address(name, address):
+            raise LatentRTError(f"engine {self.path} refused the address for {name!r}: " + "; ".join(self._logger.errors))
+        self._resident.pop(name, None)
+
+    def output_shape(self, name: str) -> tuple[int, ...]:
+        """`name`'s shape for the staged input shapes."""
+        return tuple(int(d) for d in self._context.get_tensor_shape(name))
 
     def close(self) -> None:
         """Free the device buffers and the stream; the engine cannot be called afterwards."""

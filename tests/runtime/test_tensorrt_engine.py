@@ -186,7 +186,7 @@ def test_device_buffers_round_trip():
 
     data = np.random.default_rng(0).standard_normal((3, 5, 7)).astype(np.float32)
     ids = np.arange(2 * 77, dtype=np.int64).reshape(2, 77)
-    plans = plan_buffers({"x": (4, 5, 7), "ids": (8, 77)}, {"x": "float32", "ids": "int64"})
+    plans = plan_buffers({"x": (4, 5, 7), "y": (4, 5, 7), "ids": (8, 77)}, {"x": "float32", "y": "float32", "ids": "int64"})
     with DeviceBuffers(plans) as buffers:
         assert buffers.address("x") % 256 == 0 and buffers.address("x") != buffers.address("ids")
         buffers.upload("x", data)
@@ -196,6 +196,10 @@ def test_device_buffers_round_trip():
         buffers.synchronize()
         np.testing.assert_array_equal(out_x, data)
         np.testing.assert_array_equal(out_ids, ids)
+        buffers.copy_within("y", "x", data.nbytes)
+        out_y = buffers.download("y", data.shape, np.float32)
+        buffers.synchronize()
+        np.testing.assert_array_equal(out_y, data)
         with pytest.raises(InputError, match="do not fit its buffer"):
             buffers.upload("x", np.zeros((8, 5, 7), np.float32))  # 1120 bytes > 768 planned
 
@@ -251,3 +255,26 @@ def test_pipeline_on_tensorrt_matches_onnxruntime(gpu_target, tiny_sd3_bundle, t
     pixels = Pipeline.load(bundle, "tensorrt")(**kwargs).pixels
     assert pixels.shape == reference.shape
     assert np.abs(pixels - reference).max() < 2e-2
+
+
+@pytest.mark.gpu
+def test_device_loop_matches_the_host_loop(gpu_target, tiny_sd3_bundle, tmp_path):
+    """Every step on the GPU (step engine, CUDA graph from step 2) gives the numpy loop's image."""
+    target, ccs = gpu_target
+    from latentrt.engines import BuildConfig, build_engines
+    from latentrt.runtime.pipeline import Pipeline
+    from latentrt.runtime.tensorrt_loop import DeviceDenoiser
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_sd3_bundle, bundle, ignore=shutil.ignore_patterns("engines"))
+    build_engines(bundle, BuildConfig(target=target, compute_capabilities=ccs, batch=(1, 1, 2)))
+    kwargs = dict(prompt=["a red circle", "a blue square"], num_inference_steps=4, guidance_scale=4.0, height=64, width=64, seed=0)
+    pipe = Pipeline.load(bundle, "tensorrt")
+    on_device = pipe(**kwargs).pixels
+    assert isinstance(pipe._device_denoiser, DeviceDenoiser)
+    pipe._device_denoiser.graphs = False
+    without_graph = pipe(**kwargs).pixels
+    pipe._device_denoiser = False  # the numpy loop, same engines
+    on_host = pipe(**kwargs).pixels
+    np.testing.assert_allclose(on_device, on_host, atol=1e-4)
+    np.testing.assert_allclose(without_graph, on_host, atol=1e-4)
