@@ -274,13 +274,15 @@ class DeviceBuffers:
         target = self.stream if stream is None else stream
         self._check(self._cudart.cudaMemcpyAsync(self._ptrs[dst], self._ptrs[src], nbytes, kind, target), "cudaMemcpyAsync")
 
-    def download(self, name: str, shape: Sequence[int], dtype: Any) -> np.ndarray:
-        """Queue a copy of buffer `name`'s first `shape` elements into a new array (valid after `synchronize()`)."""
+    def download(self, name: str, shape: Sequence[int], dtype: Any, *, stream: int | None = None) -> np.ndarray:
+        """Queue a copy of buffer `name`'s first `shape` elements into a new array (valid once the stream
+        is synchronized)."""
         out = np.empty(tuple(shape), dtype=dtype)
         if out.nbytes > self.plans[name].nbytes:
             raise InputError(f"{name!r}: shape {tuple(shape)} is larger than its buffer, planned for {self.plans[name].shape}")
         kind = self._cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        self._check(self._cudart.cudaMemcpyAsync(out.ctypes.data, self._ptrs[name], out.nbytes, kind, self.stream), "cudaMemcpyAsync")
+        target = self.stream if stream is None else stream
+        self._check(self._cudart.cudaMemcpyAsync(out.ctypes.data, self._ptrs[name], out.nbytes, kind, target), "cudaMemcpyAsync")
         return out
 
     def synchronize(self) -> None:
@@ -424,7 +426,8 @@ class TensorRTEngine:
         buffers = self.buffers
         for spec in self.inputs:
             value = feeds[spec.name]
-            if not self._context.set_input_shape(spec.name, shapes[spec.name]):
+            same = tuple(self._context.get_tensor_shape(spec.name)) == shapes[spec.name]  # a re-set shape may count as a change
+            if not same and not self._context.set_input_shape(spec.name, shapes[spec.name]):
                 raise InputError(f"the engine rejected input {spec.name!r} of shape {shapes[spec.name]}: " + "; ".join(self._logger.errors))
             if isinstance(value, np.ndarray) and self._resident.get(spec.name) is not value:
                 buffers.upload(spec.name, value, stream=stream)
@@ -446,6 +449,10 @@ class TensorRTEngine:
         this engine's largest shape of it."""
         if not self._context.set_tensor_address(name, address):
             raise LatentRTError(f"engine {self.path} refused the address for {name!r}: " + "; ".join(self._logger.errors))
+        self._resident.pop(name, None)
+
+    def forget(self, name: str) -> None:
+        """Input `name`'s buffer was written on the device: the next array passed for it is uploaded."""
         self._resident.pop(name, None)
 
     def output_shape(self, name: str) -> tuple[int, ...]:

@@ -13,9 +13,12 @@ the device from the first step to the last:
 Per step the denoiser engine runs, then the step engine (`runtime/flow_step.py`: guidance and the
 Euler step) reads the denoiser's output buffer and writes the next denoiser input straight into the
 denoiser's input buffer; a device-to-device copy carries the new latents to the step's input.
-Nothing is read back to the host between steps. The second step is captured into a CUDA graph
-(denoiser, step, copy: three launches become one) and replayed for every later step; the per-step
-uploads go to the same addresses before each replay, so the graph stays valid.
+Nothing is read back to the host between steps. With NVIDIA TensorRT the second step is captured
+into a CUDA graph (denoiser, step, copy: three launches become one) and replayed for every later
+step; the per-step uploads go to the same addresses before each replay, so the graph stays valid.
+TensorRT-RTX captures only engines built for user-allocated memory (its own whole-graph capture
+strategy is the way there), so with it, and whenever a capture fails, the steps are enqueued one by
+one. The loop waits for each step to finish, to time it and call the callback.
 
 Needs a GPU, TensorRT (or TensorRT-RTX on a GPU it supports) and cuda-python; tested only where they
 are (tests/runtime/test_tensorrt_engine.py). The step graph itself is checked against the numpy
@@ -96,14 +99,15 @@ class DeviceDenoiser:
     Args:
         denoiser: the denoiser's engine.
         latent_input: its input that takes the latents; velocity_output: its output the scheduler reads.
-        graphs: capture steps 2.. into a CUDA graph (shapes are fixed within one call).
+        graphs: capture steps 2.. into a CUDA graph (shapes are fixed within one call); by default
+            with NVIDIA TensorRT only.
     """
 
-    def __init__(self, denoiser: TensorRTEngine, latent_input: str, velocity_output: str, *, graphs: bool = True) -> None:
+    def __init__(self, denoiser: TensorRTEngine, latent_input: str, velocity_output: str, *, graphs: bool | None = None) -> None:
         self.denoiser = denoiser
         self.latent_input = latent_input
         self.velocity_output = velocity_output
-        self.graphs = graphs
+        self.graphs = denoiser.target == "tensorrt" if graphs is None else graphs
         self._steps: dict[bool, TensorRTEngine] = {}
 
     def step_engine(self, cfg: bool) -> TensorRTEngine:
@@ -155,38 +159,57 @@ class DeviceDenoiser:
                     },
                     stream=stream,
                 )
+                if exec_graph is None and self.graphs and i == 1:
+                    graph, exec_graph = _capture(cudart, stream, lambda: self._enqueue_step(step, stream, nbytes))
                 if exec_graph is not None:
                     cuda_check(cudart.cudaGraphLaunch(exec_graph, stream), "cudaGraphLaunch")
                 else:
-                    capture = self.graphs and i == 1
-                    if capture:
-                        mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
-                        cuda_check(cudart.cudaStreamBeginCapture(stream, mode), "cudaStreamBeginCapture")
-                    den.enqueue(stream)
-                    step.enqueue(stream)
-                    step.buffers.copy_within("latents", "latents_next", nbytes, stream=stream)
-                    if capture:
-                        graph = cuda_check(cudart.cudaStreamEndCapture(stream), "cudaStreamEndCapture")
-                        exec_graph = cuda_check(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
-                        cuda_check(cudart.cudaGraphLaunch(exec_graph, stream), "cudaGraphLaunch")
+                    self._enqueue_step(step, stream, nbytes)
                 if step_times is not None or callback is not None:
                     cuda_check(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
                 if step_times is not None:
                     step_times[i] += time.perf_counter() - t0
                 if callback:
                     callback(i + 1, len(timesteps))
-            out = step.buffers.download("latents", latents.shape, np.float32)
+            out = step.buffers.download("latents", latents.shape, np.float32, stream=stream)
             cuda_check(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
         finally:
+            den.forget(self.latent_input)  # both buffers now hold device-written data
+            step.forget("latents")
+            den.buffers.synchronize()  # the shared stream: every queued copy and launch
+            step.buffers.synchronize()
             if exec_graph is not None:
                 cudart.cudaGraphExecDestroy(exec_graph)
             if graph is not None:
                 cudart.cudaGraphDestroy(graph)
-            den.buffers.synchronize()
-            step.buffers.synchronize()
         return out
+
+    def _enqueue_step(self, step: TensorRTEngine, stream: int, nbytes: int) -> None:
+        """Denoiser, step engine, new latents into the step's input buffer: one step's device work."""
+        self.denoiser.enqueue(stream)
+        step.enqueue(stream)
+        step.buffers.copy_within("latents", "latents_next", nbytes, stream=stream)
 
     def close(self) -> None:
         for engine in self._steps.values():
             engine.close()
         self._steps.clear()
+
+
+def _capture(cudart: Any, stream: int, enqueue: Callable[[], None]) -> tuple[Any, Any]:
+    """Capture `enqueue()`'s work on `stream` into an instantiated CUDA graph; (None, None) when the
+    capture fails, with the stream usable again and the work not run."""
+    from latentrt.engines.library import cuda_check
+
+    mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+    cuda_check(cudart.cudaStreamBeginCapture(stream, mode), "cudaStreamBeginCapture")
+    try:
+        enqueue()
+    except Exception as err:  # noqa: BLE001 - any failure means: run the step without a graph
+        result = cudart.cudaStreamEndCapture(stream)
+        if int(result[0]) == 0 and result[1] is not None:
+            cudart.cudaGraphDestroy(result[1])
+        log.warning("CUDA graph capture failed (%s); the steps run without a graph", err)
+        return None, None
+    graph = cuda_check(cudart.cudaStreamEndCapture(stream), "cudaStreamEndCapture")
+    return graph, cuda_check(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
