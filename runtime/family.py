@@ -58,7 +58,8 @@ class Family:
 
         The first `negatives` prompts are classifier-free guidance's negative prompts: the same ("" by
         default) call after call, so their rows are kept and only the prompts not seen before run
-        through the encoder. Each row is computed independently, so a kept row equals a fresh one.
+        through the encoder. Rows are computed independently: a kept row equals a fresh one up to
+        float rounding.
         """
         key = (component, tokenizer, max_length)
         kept = {i: self._negatives[(*key, p)] for i, p in enumerate(prompts[:negatives]) if (*key, p) in self._negatives}
