@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import functools
 import os
+import tempfile
 from collections.abc import Sequence
 
 import numpy as np
 
 from latentrt.errors import BundleError, InputError
 from latentrt.runtime.manifest import TensorSpec
+from latentrt.runtime.ort_attention import with_fused_attention
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
 
@@ -63,13 +65,16 @@ class OnnxRuntimeEngine:
         # Memory patterns pre-plan one block per input shape and keep it (bench-sd3: +53 MB for the
         # denoiser, no measurable speed-up); allocations come from the shared arena instead.
         options.enable_mem_pattern = False
-        if "CPUExecutionProvider" in providers:
+        cpu = "CPUExecutionProvider" in providers
+        if cpu:
             _shared_cpu_arena()
             options.add_session_config_entry("session.use_env_allocators", "1")
-        try:
-            self._session = ort.InferenceSession(str(path), options, providers=list(providers))
-        except Exception as err:  # onnxruntime raises its own exception types
-            raise BundleError(f"ONNX Runtime could not load {path}: {err}") from err
+        with tempfile.TemporaryDirectory(prefix="latentrt-") as scratch:
+            fused = with_fused_attention(path, scratch) if cpu else None
+            try:
+                self._session = ort.InferenceSession(str(fused or path), options, providers=list(providers))
+            except Exception as err:  # onnxruntime raises its own exception types
+                raise BundleError(f"ONNX Runtime could not load {path}: {err}") from err
         self.inputs = tuple(inputs)
         self.outputs = tuple(outputs)
         self._output_names = [o.name for o in self.outputs]
