@@ -173,7 +173,7 @@ def with_fused_attention(path: str | os.PathLike, scratch: str | os.PathLike) ->
     """A copy of the model at `path` with its attention fused, written into `scratch`; None when
     nothing matched, the model keeps weights in external data, or `onnx` is not installed."""
     path = Path(path)
-    if path.stat().st_size > MAX_INLINE_BYTES or any(path.parent.glob(path.name + ".data")):
+    if path.stat().st_size > MAX_INLINE_BYTES or (path.parent / (path.name + ".data")).exists():
         return None
     try:
         import onnx
