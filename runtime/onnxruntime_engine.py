@@ -69,7 +69,8 @@ class OnnxRuntimeEngine:
         if cpu:
             _shared_cpu_arena()
             options.add_session_config_entry("session.use_env_allocators", "1")
-        with tempfile.TemporaryDirectory(prefix="latentrt-") as scratch:
+        # ONNX Runtime may map the copy's data file: on Linux it can go at once, elsewhere it may have to wait.
+        with tempfile.TemporaryDirectory(prefix="latentrt-", ignore_cleanup_errors=True) as scratch:
             fused = with_fused_attention(path, scratch) if cpu else None
             try:
                 self._session = ort.InferenceSession(str(fused or path), options, providers=list(providers))
