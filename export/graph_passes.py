@@ -127,7 +127,9 @@ def fuse_parallel_matmuls(model) -> int:
         if len(group) >= 2 and len({weights[n.input[1]].dims[0] for n in group}) == 1:
             groups.append(group)
 
-    replaced, new_nodes, dropped = {}, {}, set()
+    replaced: set[int] = set()
+    new_nodes: dict[int, list] = {}
+    dropped: set[str] = set()
     for group in groups:
         ws = [numpy_helper.to_array(weights[n.input[1]]) for n in group]
         widths = [w.shape[1] for w in ws]
@@ -147,12 +149,12 @@ def fuse_parallel_matmuls(model) -> int:
             split_in, outputs = base + "/fused_add", [add.output[0] for add, _ in adds]
             dropped.update(name for _, name in adds)
             for add, _ in adds:
-                replaced[id(add)] = None
+                replaced.add(id(add))
         sizes = numpy_helper.from_array(np.array(widths, np.int64), base + "/split_sizes")
         graph.initializer.append(sizes)
         nodes.append(helper.make_node("Split", [split_in, sizes.name], outputs, name=base + "/split", axis=-1))
         for n in group:
-            replaced[id(n)] = None
+            replaced.add(id(n))
         new_nodes[id(group[0])] = nodes
 
     if not groups:

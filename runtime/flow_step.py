@@ -14,7 +14,22 @@ ONNX Runtime checks it here against the numpy loop; TensorRT-RTX's builder compi
 
 from __future__ import annotations
 
+from latentrt.runtime.manifest import TensorSpec
+
 OPSET = 18
+
+
+def step_specs(rank: int, *, cfg: bool) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """The step graph's inputs and outputs, as the TensorRT engine checks them."""
+    dims = tuple(f"d{i}" for i in range(1, rank))
+    call = "call_batch" if cfg else "batch"
+    inputs = (
+        TensorSpec("sample", "float32", (call, *dims)),
+        TensorSpec("latents", "float32", ("batch", *dims)),
+        TensorSpec("coefficients", "float32", (2,)),
+    )
+    outputs = (TensorSpec("latents_next", "float32", ("batch", *dims)), TensorSpec("model_input", "float32", (call, *dims)))
+    return inputs, outputs
 
 
 def flow_step_model(rank: int, *, cfg: bool):
@@ -28,7 +43,6 @@ def flow_step_model(rank: int, *, cfg: bool):
 
     if rank < 2:
         raise ValueError(f"latents need a batch axis and at least one more; got rank {rank}")
-    dims = [f"d{i}" for i in range(1, rank)]
     nodes = [
         helper.make_node("Split", ["coefficients"], ["guidance", "dt"], axis=0, num_outputs=2),
     ]
@@ -48,20 +62,12 @@ def flow_step_model(rank: int, *, cfg: bool):
         if cfg
         else helper.make_node("Identity", ["latents_next"], ["model_input"]),
     ]
-    call_batch = "call_batch" if cfg else "batch"
-    graph = helper.make_graph(
-        nodes,
-        "flow_match_step",
-        [
-            helper.make_tensor_value_info("sample", TensorProto.FLOAT, [call_batch, *dims]),
-            helper.make_tensor_value_info("latents", TensorProto.FLOAT, ["batch", *dims]),
-            helper.make_tensor_value_info("coefficients", TensorProto.FLOAT, [2]),
-        ],
-        [
-            helper.make_tensor_value_info("latents_next", TensorProto.FLOAT, ["batch", *dims]),
-            helper.make_tensor_value_info("model_input", TensorProto.FLOAT, [call_batch, *dims]),
-        ],
-    )
+    inputs, outputs = step_specs(rank, cfg=cfg)
+
+    def value_info(spec: TensorSpec):
+        return helper.make_tensor_value_info(spec.name, TensorProto.FLOAT, list(spec.shape))
+
+    graph = helper.make_graph(nodes, "flow_match_step", [value_info(s) for s in inputs], [value_info(s) for s in outputs])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="latentrt")
     onnx.checker.check_model(model, full_check=True)
     return model

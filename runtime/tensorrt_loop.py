@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from latentrt.runtime.manifest import TensorSpec
 from latentrt.runtime.tensorrt_engine import OnDevice, TensorRTEngine
 
 log = logging.getLogger(__name__)
@@ -57,25 +57,13 @@ def step_profile(latent_profile: tuple[tuple[int, ...], ...], *, cfg: bool) -> d
     return {"sample": sample, "latents": latents, "coefficients": (((2,),) * 3)}
 
 
-def step_specs(rank: int, *, cfg: bool) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    dims = tuple(f"d{i}" for i in range(1, rank))
-    call = "call_batch" if cfg else "batch"
-    inputs = (
-        TensorSpec("sample", "float32", (call, *dims)),
-        TensorSpec("latents", "float32", ("batch", *dims)),
-        TensorSpec("coefficients", "float32", (2,)),
-    )
-    outputs = (TensorSpec("latents_next", "float32", ("batch", *dims)), TensorSpec("model_input", "float32", (call, *dims)))
-    return inputs, outputs
-
-
 def build_step_engine(denoiser: TensorRTEngine, latent_input: str, *, cfg: bool) -> TensorRTEngine:
     """Build the step graph for the denoiser's latent profile with the denoiser's library (a second or so)."""
     import onnx
 
     from latentrt.engines.build import build_serialized_engine
     from latentrt.engines.library import current_compute_capability, load_library
-    from latentrt.runtime.flow_step import flow_step_model
+    from latentrt.runtime.flow_step import flow_step_model, step_specs
 
     target, device = denoiser.target, denoiser.device
     library = load_library(target)  # type: ignore[arg-type]
@@ -135,8 +123,6 @@ class DeviceDenoiser:
         `feeds(model_input, t)` gives the denoiser's inputs for timestep t with `model_input` in the
         latent input's place; the first call passes the array, later calls an `OnDevice`.
         """
-        import time
-
         from latentrt.engines.library import cuda_check, load_cudart
 
         cudart = load_cudart()

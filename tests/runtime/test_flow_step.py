@@ -6,9 +6,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from latentrt.runtime.flow_step import flow_step_model
+from latentrt.runtime.flow_step import flow_step_model, step_specs
 from latentrt.runtime.scheduler_flow_match import FlowMatchEulerConfig, FlowMatchSchedule, flow_match_sigmas
-from latentrt.runtime.tensorrt_loop import step_profile, step_specs
+from latentrt.runtime.tensorrt_loop import step_profile
 
 
 def _session(rank: int, cfg: bool) -> ort.InferenceSession:
