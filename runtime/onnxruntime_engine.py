@@ -11,7 +11,7 @@ import numpy as np
 
 from latentrt.errors import BundleError, InputError
 from latentrt.runtime.manifest import TensorSpec
-from latentrt.runtime.ort_attention import with_fused_attention
+from latentrt.runtime.ort_fusions import rewritten_for_onnx_runtime
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
 
@@ -71,9 +71,9 @@ class OnnxRuntimeEngine:
             options.add_session_config_entry("session.use_env_allocators", "1")
         # ONNX Runtime may map the copy's data file: on Linux it can go at once, elsewhere it may have to wait.
         with tempfile.TemporaryDirectory(prefix="latentrt-", ignore_cleanup_errors=True) as scratch:
-            fused = with_fused_attention(path, scratch) if cpu else None
+            rewritten = rewritten_for_onnx_runtime(path, scratch) if cpu else None
             try:
-                self._session = ort.InferenceSession(str(fused or path), options, providers=list(providers))
+                self._session = ort.InferenceSession(str(rewritten or path), options, providers=list(providers))
             except Exception as err:  # onnxruntime raises its own exception types
                 raise BundleError(f"ONNX Runtime could not load {path}: {err}") from err
         self.inputs = tuple(inputs)

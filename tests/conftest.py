@@ -44,3 +44,13 @@ def tiny_sd3_dir(preset_source):
 @pytest.fixture(scope="session")
 def tiny_sd3_bundle(preset_bundle):
     return preset_bundle("tiny-sd3")
+
+
+@pytest.fixture(scope="session")
+def int8_bundle(tiny_sd3_bundle, tmp_path_factory):
+    """tiny-sd3 calibrated to int8 on 2 prompts x 3 steps (about a second)."""
+    from latentrt.calibration.quantize import QuantizeConfig, quantize_bundle
+
+    out = tmp_path_factory.mktemp("calibration") / "int8"
+    quantize_bundle(tiny_sd3_bundle, out, QuantizeConfig(precision="int8", num_prompts=2, steps=3))
+    return out

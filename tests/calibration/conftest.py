@@ -16,13 +16,6 @@ HELD_OUT = ["a blue circle on the right", "a photo of a horse in a misty meadow"
 
 
 @pytest.fixture(scope="session")
-def int8_bundle(tiny_sd3_bundle, tmp_path_factory):
-    out = tmp_path_factory.mktemp("calibration") / "int8"
-    quantize_bundle(tiny_sd3_bundle, out, QuantizeConfig(precision="int8", **FAST))
-    return out
-
-
-@pytest.fixture(scope="session")
 def fp8_bundle(tiny_sd3_bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("calibration") / "fp8"
     quantize_bundle(tiny_sd3_bundle, out, QuantizeConfig(precision="fp8", **FAST))

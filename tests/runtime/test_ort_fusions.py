@@ -1,0 +1,107 @@
+"""The rewrites into ONNX Runtime's fused kernels done at load time: attention, int8 linear layers."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from latentrt.runtime.ort_fusions import fuse_attention, fuse_int8_matmuls, rewritten_for_onnx_runtime
+
+
+def _run(model_or_path, feeds):
+    source = model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
+    return ort.InferenceSession(source, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def _transformer_feeds(batch=2, size=8, context=77 + 16, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "hidden_states": rng.standard_normal((batch, 16, size, size), dtype=np.float32),
+        "encoder_hidden_states": rng.standard_normal((batch, context, 96), dtype=np.float32),
+        "pooled_projections": rng.standard_normal((batch, 80), dtype=np.float32),
+        "timestep": np.array([700.0, 20.0][:batch], np.float32),
+    }
+
+
+def test_sd3_joint_attention_becomes_one_kernel(tiny_sd3_bundle):
+    path = tiny_sd3_bundle / "onnx" / "transformer.onnx"
+    model = onnx.load(str(path))
+    softmaxes = sum(n.op_type == "Softmax" for n in model.graph.node)
+
+    assert fuse_attention(model) == softmaxes == 2  # one joint attention per block
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    assert ops["MultiHeadAttention"] == 2 and ops["Softmax"] == 0 and ops["Sqrt"] == 0
+    for feeds in (_transformer_feeds(), _transformer_feeds(batch=1, size=12, context=77 + 40, seed=1)):
+        np.testing.assert_allclose(_run(model, feeds)[0], _run(path, feeds)[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("component", ["text_encoder", "text_encoder_3", "vae_decoder"])
+def test_other_attention_is_left_alone(tiny_sd3_bundle, component):
+    """CLIP's causal mask and T5's position bias are not PyTorch's unmasked SDPA; the VAE's attention
+    is written in another form: none of them matches, and the graph stays as it was."""
+    model = onnx.load(str(tiny_sd3_bundle / "onnx" / f"{component}.onnx"))
+    before = [n.op_type for n in model.graph.node]
+    assert fuse_attention(model) == 0
+    assert [n.op_type for n in model.graph.node] == before
+
+
+def test_fused_copy_is_written_with_external_weights(tiny_sd3_bundle, tmp_path):
+    path = rewritten_for_onnx_runtime(tiny_sd3_bundle / "onnx" / "transformer.onnx", tmp_path)
+    assert path is not None and path.parent == tmp_path and (tmp_path / (path.name + ".data")).is_file()
+    feeds = _transformer_feeds()
+    reference = _run(tiny_sd3_bundle / "onnx" / "transformer.onnx", feeds)[0]
+    np.testing.assert_allclose(_run(path, feeds)[0], reference, rtol=1e-4, atol=1e-5)
+    assert rewritten_for_onnx_runtime(tiny_sd3_bundle / "onnx" / "vae_decoder.onnx", tmp_path) is None
+
+
+def test_int8_linears_become_one_kernel_with_their_bias(int8_bundle, tiny_sd3_bundle):
+    path = int8_bundle / "onnx" / "transformer.onnx"
+    model = onnx.load(str(path))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    quantized = [n for n in model.graph.node if n.op_type == "MatMul" and getattr(producer.get(n.input[1]), "op_type", None) == "DequantizeLinear"]
+    adds = sum(n.op_type == "Add" for n in model.graph.node)
+
+    assert fuse_int8_matmuls(model) == len(quantized) == 13
+    onnx.checker.check_model(model)
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    fused = [n for n in model.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    with_bias = sum(len(n.input) == 7 for n in fused)
+    assert len(fused) == 13 and ops["DequantizeLinear"] == 0 and ops["QuantizeLinear"] == 13
+    assert with_bias >= 8 and ops["Add"] == adds - with_bias
+    for feeds in (_transformer_feeds(), _transformer_feeds(batch=1, size=12, context=77 + 40, seed=1)):
+        np.testing.assert_allclose(_run(model, feeds)[0], _run(path, feeds)[0], rtol=1e-6, atol=1e-6)
+    assert fuse_int8_matmuls(onnx.load(str(tiny_sd3_bundle / "onnx" / "transformer.onnx"))) == 0
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter, as the bundles use it
+def test_attention_with_the_scale_computed_at_run_time(tmp_path):
+    """Bundles exported before sizes were folded compute 1/sqrt(D) from the query's shape: matched too.
+    The module is SD3's joint attention in small: image and text heads concatenated along the tokens."""
+    import torch
+
+    class JointAttention(torch.nn.Module):
+        def forward(self, x, c):  # [b, s, 2 heads x 8], [b, t, 16]
+            heads = lambda t: t.view(t.shape[0], -1, 2, 8).transpose(1, 2)  # noqa: E731
+            q, k, v = (torch.cat([heads(x * w), heads(c * w)], dim=2) for w in (1.0, 0.5, -2.0))
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            return out.transpose(1, 2).reshape(x.shape[0], -1, 16)
+
+    path = tmp_path / "attention.onnx"
+    axes = {"x": {0: "b", 1: "s"}, "c": {0: "b", 1: "t"}, "out": {0: "b", 1: "st"}}
+    torch.onnx.export(
+        JointAttention(), (torch.randn(2, 5, 16), torch.randn(2, 3, 16)), str(path), input_names=["x", "c"],
+        output_names=["out"], dynamic_axes=axes, dynamo=False, opset_version=18,
+    )
+    model = onnx.load(str(path))
+    assert any(n.op_type == "Sqrt" for n in model.graph.node)
+
+    assert fuse_attention(model) == 1
+    assert collections.Counter(n.op_type for n in model.graph.node)["MultiHeadAttention"] == 1
+    assert not any(n.op_type in ("Sqrt", "Softmax") for n in model.graph.node)
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((3, 7, 16), dtype=np.float32), "c": rng.standard_normal((3, 4, 16), dtype=np.float32)}
+    np.testing.assert_allclose(_run(model, feeds)[0], _run(path, feeds)[0], rtol=1e-5, atol=1e-6)
