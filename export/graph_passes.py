@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from latentrt.runtime.onnx_graph import drop_dead, used_names
+
 
 def fold_squeeze_ifs(model) -> None:
     """Replace `If(dim == 1) {Squeeze} else {Identity}` by Identity when only Reshapes read the result.
@@ -173,3 +175,148 @@ def fuse_parallel_matmuls(model) -> int:
     del graph.initializer[:]
     graph.initializer.extend(kept)
     return len(groups)
+
+
+# Ops evaluated at export when all their inputs are constant: shape arithmetic and small math.
+# Ops that create tensors from sizes (ConstantOfShape, Expand, Tile, Range) are left to the backend.
+_FOLDABLE = {
+    "Abs", "Add", "And", "Cast", "Ceil", "Concat", "Constant", "Div", "Equal", "Floor", "Gather", "Greater", "Identity",
+    "Less", "Max", "Min", "Mod", "Mul", "Neg", "Not", "Or", "Reshape", "Shape", "Size", "Slice", "Sqrt",
+    "Squeeze", "Sub", "Transpose", "Unsqueeze", "Where",
+}
+_FOLD_MAX_ELEMENTS = 1024
+
+
+def fold_static_shapes(model) -> int:
+    """Turn arithmetic on static sizes into constants; returns the number of nodes removed.
+
+    The TorchScript exporter computes every size at run time from `Shape`, even where the dim is
+    static: diffusers' `emb.chunk(6, dim=1)` in each AdaLN reads the width through Shape -> Gather
+    -> Add -> Div -> Mul before every Slice, and attention computes `1 / sqrt(head_dim)` from the
+    query's shape. ONNX Runtime runs all of it on each call (on the demo denoiser a third of the
+    nodes) and cannot fold it, since the inputs' shapes are dynamic. Here the dims come from ONNX
+    shape inference: a `Shape` (or a `Gather` / `Slice` of one) whose selected dims are all static
+    becomes a constant, and every node of `_FOLDABLE` whose inputs are constants is evaluated with
+    the ONNX reference implementation. Dims that depend on a dynamic axis are never folded; the
+    validation at sizes other than the traced ones checks the result.
+    """
+    removed = 0
+    # A fold can make more dims static (a Reshape whose target became constant): repeat until none.
+    while (count := _fold_once(model)) > 0:
+        removed += count
+    return removed
+
+
+def _fold_once(model) -> int:
+    import onnx
+    from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    dims = _inferred_dims(model)
+    constants: dict[str, np.ndarray] = {}
+    for t in _small_initializers(graph):
+        constants[t.name] = numpy_helper.to_array(t)
+    partial: dict[str, list[int | None]] = {}  # Shape outputs with some static dims
+    graph_outputs = {o.name for o in graph.output}
+    folded: set[str] = set()  # outputs turned into constants by this pass
+
+    for node in graph.node:
+        if any(o in graph_outputs for o in node.output) or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            continue
+        value = None
+        if node.op_type == "Shape" and node.input[0] in dims:
+            attrs = {a.name: a.i for a in node.attribute}
+            rank = len(dims[node.input[0]])
+            selected = dims[node.input[0]][slice(attrs.get("start", 0), attrs.get("end", rank))]
+            if all(d is not None for d in selected):
+                value = np.array(selected, np.int64)
+            else:
+                partial[node.output[0]] = selected
+        elif node.op_type in ("Gather", "Slice") and node.input[0] in partial and all(i in constants for i in node.input[1:] if i):
+            picked = _pick(partial[node.input[0]], node, [constants.get(i) for i in node.input[1:]])
+            if picked is not None and all(d is not None for d in np.ravel(picked)):
+                value = np.asarray(picked, np.int64)
+        elif node.op_type in _FOLDABLE and node.domain in ("", "ai.onnx") and all(i in constants for i in node.input if i):
+            inputs = [i for i in node.input if i]
+            mini = helper.make_model(
+                helper.make_graph(
+                    [node], "fold", [], [helper.make_empty_tensor_value_info(o) for o in node.output],
+                    [numpy_helper.from_array(constants[i], i) for i in dict.fromkeys(inputs)],
+                ),
+                opset_imports=list(model.opset_import),
+            )
+            results = ReferenceEvaluator(mini).run(None, {})
+            if all(np.asarray(r).size <= _FOLD_MAX_ELEMENTS for r in results):
+                for name, r in zip(node.output, results):
+                    constants[name] = np.asarray(r)
+                    if node.op_type != "Constant":  # a Constant stays as it is; unread, it is dropped
+                        folded.add(name)
+            continue
+        if value is not None:
+            constants[node.output[0]] = value
+            folded.add(node.output[0])
+
+    if not folded:
+        return 0
+    before = len(graph.node)
+    kept = [n for n in graph.node if not (n.output and all(o in folded for o in n.output))]
+    del graph.node[:]
+    graph.node.extend(kept)
+    existing = {t.name for t in graph.initializer}
+    used = used_names(graph)
+    graph.initializer.extend(
+        numpy_helper.from_array(constants[name], name) for name in sorted(folded) if name in used and name not in existing
+    )
+    drop_dead(graph)
+    return before - len(graph.node)
+
+
+def _pick(shape: list[int | None], node, constant_inputs: list) -> list | None:
+    """The dims a Gather or Slice selects from a partly known shape vector, None if not decidable."""
+    if node.op_type == "Gather":
+        index = np.asarray(constant_inputs[0])
+        if index.dtype == object or np.any(index >= len(shape)) or np.any(index < -len(shape)):
+            return None
+        return np.array(shape, dtype=object)[index]
+    starts, ends = constant_inputs[0], constant_inputs[1]
+    axes = constant_inputs[2] if len(constant_inputs) > 2 else None
+    steps = constant_inputs[3] if len(constant_inputs) > 3 else None
+    if starts is None or ends is None or (axes is not None and list(np.ravel(axes)) not in ([0], [-1])):
+        return None
+    step = 1 if steps is None else int(np.ravel(steps)[0])
+    return shape[slice(int(np.ravel(starts)[0]), int(np.ravel(ends)[0]), step)]
+
+
+def _inferred_dims(model) -> dict[str, list[int | None]]:
+    """Every tensor's dims after ONNX shape inference (None where not static).
+
+    Inference runs on a copy without the large weights (declared as inputs of their shape), so
+    models over protobuf's 2 GB limit work, and data propagation sees the small constants.
+    """
+    import onnx
+    from onnx import helper
+
+    graph = model.graph
+    small = _small_initializers(graph)
+    small_names = {t.name for t in small}
+    declared = small_names | {i.name for i in graph.input}
+    weights = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in graph.initializer if t.name not in declared]
+    skeleton = helper.make_model(
+        helper.make_graph(list(graph.node), graph.name, list(graph.input) + weights, list(graph.output), small),
+        opset_imports=list(model.opset_import),
+        ir_version=model.ir_version,
+    )
+    inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True).graph
+    dims = {}
+    for value in list(inferred.input) + list(inferred.value_info) + list(inferred.output):
+        shape = value.type.tensor_type.shape
+        if value.type.tensor_type.HasField("shape"):
+            dims[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in shape.dim]
+    return dims
+
+
+def _small_initializers(graph) -> list:
+    import onnx
+
+    return [t for t in graph.initializer if np.prod(t.dims) <= _FOLD_MAX_ELEMENTS and t.data_location != onnx.TensorProto.EXTERNAL]

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from latentrt.errors import ExportError
-from latentrt.export.graph_passes import fold_squeeze_ifs, fuse_parallel_matmuls, integer_ranges
+from latentrt.export.graph_passes import fold_squeeze_ifs, fold_static_shapes, fuse_parallel_matmuls, integer_ranges
 from latentrt.models.spec import ComponentExport, TensorTemplate
 from latentrt.runtime.manifest import TensorSpec, Validation
 
@@ -145,6 +145,7 @@ def export_component(comp: ComponentExport, path: Path, *, opset: int = 18) -> l
     fold_squeeze_ifs(model)
     integer_ranges(model)
     fuse_parallel_matmuls(model)
+    fold_static_shapes(model)
     if large:
         data_name = path.name + ".data"
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name, size_threshold=1024)

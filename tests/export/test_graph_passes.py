@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from latentrt.export.graph_passes import fuse_parallel_matmuls
+from latentrt.export.graph_passes import fold_static_shapes, fuse_parallel_matmuls
 
 
 def _ort(model: onnx.ModelProto, optimized=None) -> ort.InferenceSession:
@@ -79,3 +79,66 @@ def test_tiny_sd3_transformer_is_exported_fused_for_onnx_runtime(tiny_sd3_bundle
     _ort(model, optimized=tmp_path / "optimized.onnx")
     optimized = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
     assert optimized["FastGelu"] == ops["Tanh"] and optimized["Tanh"] == 0
+
+
+def _chunk_and_reshape(width) -> onnx.ModelProto:
+    """x [b, width] -> y = x.chunk(3, dim=1)[1] and z = x.reshape(b, -1, 2), sizes read from Shape as
+    the TorchScript exporter writes them."""
+    const = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Gather", ["s", "one"], ["w"], axis=0),
+        helper.make_node("Div", ["w", "three"], ["c"]),
+        helper.make_node("Mul", ["c", "two"], ["c2"]),
+        helper.make_node("Unsqueeze", ["c", "zero_axis"], ["start"]),
+        helper.make_node("Unsqueeze", ["c2", "zero_axis"], ["end"]),
+        helper.make_node("Slice", ["x", "start", "end", "one_axis"], ["y"]),
+        helper.make_node("Gather", ["s", "zero"], ["b"], axis=0),
+        helper.make_node("Unsqueeze", ["b", "zero_axis"], ["b1"]),
+        helper.make_node("Concat", ["b1", "minus_one", "two_1d"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["z"]),
+    ]
+    inits = [const("zero", 0), const("one", 1), const("two", 2), const("three", 3), const("zero_axis", [0]),
+             const("one_axis", [1]), const("minus_one", [-1]), const("two_1d", [2])]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "c"]), helper.make_tensor_value_info("z", TensorProto.FLOAT, ["b", "w", 2])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_arithmetic_on_static_dims_becomes_constants():
+    model = _chunk_and_reshape(12)
+    feeds = [{"x": np.random.default_rng(b).standard_normal((b, 12)).astype(np.float32)} for b in (1, 5)]
+    expected = [_ort(model).run(None, f) for f in feeds]
+
+    assert fold_static_shapes(model) == 5  # the width's Gather, Div, Mul and both Unsqueezes
+    onnx.checker.check_model(model)
+    # The batch is dynamic: its Shape -> Gather -> Unsqueeze -> Concat stays; the Slice reads constants.
+    assert [n.op_type for n in model.graph.node] == ["Shape", "Slice", "Gather", "Unsqueeze", "Concat", "Reshape"]
+    constants = {t.name: numpy_helper.to_array(t).tolist() for t in model.graph.initializer}
+    slice_node = next(n for n in model.graph.node if n.op_type == "Slice")
+    assert [constants[i] for i in slice_node.input[1:3]] == [[4], [8]]
+    for f, want in zip(feeds, expected):
+        for got, ref in zip(_ort(model).run(None, f), want):
+            np.testing.assert_array_equal(got, ref)
+
+
+def test_dynamic_dims_are_not_folded():
+    model = _chunk_and_reshape("width")
+    before = [n.op_type for n in model.graph.node]
+    assert fold_static_shapes(model) == 0
+    assert [n.op_type for n in model.graph.node] == before
+
+
+def test_tiny_sd3_sizes_are_constants_in_the_bundle(tiny_sd3_bundle):
+    """The attention scale and the AdaLN chunk bounds are static in SD3: none is computed at run time."""
+    model = onnx.load(str(tiny_sd3_bundle / "onnx" / "transformer.onnx"))
+    constants = {t.name for t in model.graph.initializer} | {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    assert ops["Sqrt"] == 0
+    chunks = [n for n in model.graph.node if n.op_type == "Slice" and "/norm1/" in n.name]
+    assert len(chunks) >= 6 and all(n.input[1] in constants and n.input[2] in constants for n in chunks)
