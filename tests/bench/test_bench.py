@@ -31,6 +31,37 @@ def test_flops_of_matmul_and_conv(tmp_path):
     assert flops == 2 * (2 * 10 * 32) * 64 + 2 * (2 * 8 * 16 * 16) * (3 * 3 * 3)
 
 
+def test_flops_of_attention_with_shapes_computed_at_run_time(tmp_path):
+    """Heads split by a Reshape whose target is read from Shape, as the exporter writes attention:
+    ONNX shape inference alone leaves the scores' shape unknown; the count must still be exact."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    const = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Gather", ["s", "zero"], ["b"], axis=0),
+        helper.make_node("Unsqueeze", ["b", "axis0"], ["b1"]),
+        helper.make_node("Gather", ["s", "two"], ["width"], axis=0),
+        helper.make_node("Div", ["width", "heads"], ["d"]),
+        helper.make_node("Unsqueeze", ["d", "axis0"], ["d1"]),
+        helper.make_node("Concat", ["b1", "minus_one", "heads_1d", "d1"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["r"]),
+        helper.make_node("Transpose", ["r"], ["q"], perm=[0, 2, 1, 3]),
+        helper.make_node("Transpose", ["r"], ["kt"], perm=[0, 2, 3, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["scores"]),
+    ]
+    inits = [const("zero", 0), const("two", 2), const("axis0", [0]), const("heads", 2), const("minus_one", [-1]), const("heads_1d", [2])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "n", 64])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, None)], inits,
+    )
+    path = tmp_path / "attention.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    # [3, 2 heads, 10, 32] x [3, 2, 32, 10]
+    assert onnx_flops(path, {"x": [3, 10, 64]}) == 2 * (3 * 2 * 10 * 10) * 32
+
+
 def test_config_errors():
     with pytest.raises(InputError, match="unknown backend"):
         BenchConfig(source="tiny-sd3", backends=("torch", "jax"))
