@@ -23,7 +23,7 @@ def drop_dead(graph) -> None:
             break
         del graph.node[:]
         graph.node.extend(live)
-    kept = [t for t in graph.initializer if t.name in used]
-    if len(kept) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
+    # Deleted in place: extending a repeated field copies each tensor, weights included.
+    for i in reversed(range(len(graph.initializer))):
+        if graph.initializer[i].name not in used:
+            del graph.initializer[i]
