@@ -18,7 +18,7 @@ def onnx_flops(path: str | os.PathLike, input_shapes: dict[str, list[int]]) -> f
     Shapes of intermediate tensors come from ONNX shape inference on a copy of the graph whose
     inputs are fixed to `input_shapes`, after the export's static-shape folding: with every input
     dim fixed, sizes computed at run time (a Reshape's target read from Shape) become constants, so
-    no MatMul is left with an unknown shape (plain inference missed SD3's attention products, ~30% of
+    no MatMul is left with an unknown shape (plain inference missed SD3's attention products, a third of
     bench-sd3's FLOPs). Element-wise ops are not counted (they are memory-bound); a layer whose shape
     still cannot be inferred is skipped with a warning.
     """
