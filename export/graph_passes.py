@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from latentrt.runtime.onnx_graph import drop_dead, used_names
+from latentrt.runtime.onnx_graph import GraphView, drop_dead, used_names
 
 
 def fold_squeeze_ifs(model) -> None:
@@ -52,13 +52,10 @@ def integer_ranges(model) -> None:
     from onnx import numpy_helper
 
     graph = model.graph
-    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for n in graph.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            constants[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    view = GraphView(graph)  # constants read on lookup: the weights are not copied
     nodes = []
     for n in graph.node:
-        start, delta = constants.get(n.input[0]) if n.op_type == "Range" else None, constants.get(n.input[2]) if n.op_type == "Range" else None
+        start, delta = (view.constant(n.input[0]), view.constant(n.input[2])) if n.op_type == "Range" else (None, None)
         if (
             n.op_type == "Range"
             and start is not None

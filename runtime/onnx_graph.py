@@ -3,6 +3,40 @@
 from __future__ import annotations
 
 
+class GraphView:
+    """Producers, consumers and constants of one graph, for pattern matching before a rewrite.
+
+    Constants (initializers and Constant nodes) are kept as TensorProtos and converted on lookup,
+    so a model's weights are not copied into numpy arrays up front.
+    """
+
+    def __init__(self, graph) -> None:
+        from onnx import numpy_helper
+
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.consumers: dict[str, list] = {}
+        for n in graph.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.constants = {t.name: t for t in graph.initializer}
+        for n in graph.node:
+            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+                self.constants[n.output[0]] = n.attribute[0].t
+        self._to_array = numpy_helper.to_array
+
+    def op(self, name: str, op_type: str):
+        node = self.producer.get(name)
+        return node if node is not None and node.op_type == op_type else None
+
+    def only_consumer(self, name: str, op_type: str):
+        readers = self.consumers.get(name, [])
+        return readers[0] if len(readers) == 1 and readers[0].op_type == op_type else None
+
+    def constant(self, name: str):
+        t = self.constants.get(name)
+        return None if t is None else self._to_array(t)
+
+
 def used_names(graph) -> set[str]:
     """Tensor names read by the graph's nodes (subgraphs included) or returned by it."""
     used = {o.name for o in graph.output}

@@ -35,40 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
-from latentrt.runtime.onnx_graph import drop_dead
+from latentrt.runtime.onnx_graph import GraphView, drop_dead
 
 log = logging.getLogger(__name__)
 
 MAX_INLINE_BYTES = 1 << 31  # larger models keep their weights in external data; they are not rewritten
-
-
-class _Graph:
-    def __init__(self, graph) -> None:
-        from onnx import numpy_helper
-
-        self.graph = graph
-        self.producer = {o: n for n in graph.node for o in n.output}
-        self.consumers: dict[str, list] = {}
-        for n in graph.node:
-            for i in n.input:
-                self.consumers.setdefault(i, []).append(n)
-        self.constants = {t.name: t for t in graph.initializer}
-        for n in graph.node:
-            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-                self.constants[n.output[0]] = n.attribute[0].t
-        self._to_array = numpy_helper.to_array
-
-    def op(self, name: str, op_type: str):
-        node = self.producer.get(name)
-        return node if node is not None and node.op_type == op_type else None
-
-    def only_consumer(self, name: str, op_type: str):
-        readers = self.consumers.get(name, [])
-        return readers[0] if len(readers) == 1 and readers[0].op_type == op_type else None
-
-    def constant(self, name: str):
-        t = self.constants.get(name)
-        return None if t is None else self._to_array(t)
 
 
 def _attr(node, name: str, default=None):
@@ -80,7 +51,7 @@ def _attr(node, name: str, default=None):
     return default
 
 
-def _heads(g: _Graph, tensor: str) -> tuple[list[str], int, int | None] | None:
+def _heads(g: GraphView, tensor: str) -> tuple[list[str], int, int | None] | None:
     """`tensor` = Transpose(Reshape(x, [b, -1, H, D]), [0, 2, 1, 3]) or a Concat(axis 2) of those:
     the token-major inputs [x...], H and D (None when D is computed at run time)."""
     concat = g.op(tensor, "Concat")
@@ -102,7 +73,7 @@ def _heads(g: _Graph, tensor: str) -> tuple[list[str], int, int | None] | None:
     return (sources, heads.pop(), head_dims.pop()) if len(heads) == 1 and len(head_dims) == 1 else None
 
 
-def _is_default_scale(g: _Graph, scale: str, query: str, head_dim: int | None) -> bool:
+def _is_default_scale(g: GraphView, scale: str, query: str, head_dim: int | None) -> bool:
     """`scale` = Sqrt(Cast?(Div(1, Sqrt(Cast?(Slice(Shape(query), last)))))), PyTorch's sqrt(1/sqrt(D)),
     or that value as a constant (the export folds it where D is static)."""
     constant = g.constant(scale)
@@ -131,7 +102,7 @@ def fuse_attention(model) -> int:
     """Rewrite each matching attention in `model` (in place); returns how many. See the module docstring."""
     from onnx import helper
 
-    g = _Graph(model.graph)
+    g = GraphView(model.graph)
     replacements: dict[int, list] = {}
     for softmax in [n for n in model.graph.node if n.op_type == "Softmax"]:
         if _attr(softmax, "axis", -1) not in (-1, 3):
@@ -174,7 +145,7 @@ def fuse_int8_matmuls(model) -> int:
     ONNX Runtime's `MatMulIntegerToFloat`; returns how many. See the module docstring."""
     from onnx import helper, numpy_helper
 
-    g = _Graph(model.graph)
+    g = GraphView(model.graph)
     replacements: dict[int, list] = {}
     removed: set[int] = set()
     for matmul in [n for n in model.graph.node if n.op_type == "MatMul"]:
