@@ -1,4 +1,5 @@
-"""The rewrites into ONNX Runtime's fused kernels done at load time: attention, int8 linear layers."""
+"""The rewrites into ONNX Runtime's fused kernels done at load time: attention, int8 linear layers,
+AdaLN modulations."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from latentrt.runtime.ort_fusions import fuse_attention, fuse_int8_matmuls, rewritten_for_onnx_runtime
+from latentrt.runtime.ort_fusions import fuse_attention, fuse_int8_matmuls, fuse_modulations, rewritten_for_onnx_runtime
 
 
 def _run(model_or_path, feeds):
@@ -105,3 +106,85 @@ def test_attention_with_the_scale_computed_at_run_time(tmp_path):
     rng = np.random.default_rng(0)
     feeds = {"x": rng.standard_normal((3, 7, 16), dtype=np.float32), "c": rng.standard_normal((3, 4, 16), dtype=np.float32)}
     np.testing.assert_allclose(_run(model, feeds)[0], _run(path, feeds)[0], rtol=1e-5, atol=1e-6)
+
+
+def _chunked_gemms(model) -> int:
+    """Gemms whose output only Slices read: the AdaLN modulations."""
+    readers = collections.defaultdict(list)
+    for n in model.graph.node:
+        for i in n.input:
+            readers[i].append(n.op_type)
+    return sum(n.op_type == "Gemm" and set(readers[n.output[0]]) == {"Slice"} for n in model.graph.node)
+
+
+@pytest.mark.parametrize("which", ["fp32", "int8"])
+def test_adaln_modulations_are_unsqueezed_once(tiny_sd3_bundle, int8_bundle, which):
+    """Each AdaLN Gemm's chunks come out of one Split already broadcast; the `1 + scale` Adds (and in
+    the int8 graph SmoothQuant's `Mul 1/s` on the shifts) are folded into the Gemm."""
+    path = (tiny_sd3_bundle if which == "fp32" else int8_bundle) / "onnx" / "transformer.onnx"
+    model = onnx.load(str(path))
+    before = collections.Counter(n.op_type for n in model.graph.node)
+    gemms = _chunked_gemms(model)
+
+    assert fuse_modulations(model) == gemms == 5  # norm1 and norm1_context of 2 blocks, norm_out
+    onnx.checker.check_model(model)
+    after = collections.Counter(n.op_type for n in model.graph.node)
+    # chunks: 6 per AdaLN-Zero (3: both norms of block 0, the image norm of block 1), 2 per continuous
+    # AdaLN (block 1's context norm, norm_out); one Unsqueeze per Gemm instead of one per chunk
+    assert after["Slice"] == before["Slice"] - 22 and after["Unsqueeze"] == before["Unsqueeze"] - 22 + 5
+    assert after["Add"] == before["Add"] - 8  # 1 + scale_msa and 1 + scale_mlp per AdaLN-Zero, 1 + scale per continuous
+    if which == "int8":
+        assert after["Mul"] < before["Mul"]
+    for feeds in (_transformer_feeds(), _transformer_feeds(batch=1, size=12, context=77 + 40, seed=1)):
+        np.testing.assert_allclose(_run(model, feeds)[0], _run(path, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+def _modulation_graph(trans_b: bool, read_flat: bool):
+    """x [b, 4] -> Gemm -> three chunks of 3 -> (1 + c0)[:, None], (c1 * v)[:, None] + 2, c2[:, None]:
+    the shapes of an AdaLN with constants folded on the way; with `read_flat` the last chunk is also
+    read without its Unsqueeze."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((9, 4) if trans_b else (4, 9)).astype(np.float32)
+    consts = {
+        "w": w, "b": rng.standard_normal(9).astype(np.float32), "one": np.array(1.0, np.float32),
+        "v": rng.standard_normal(3).astype(np.float32), "two": np.array([[2.0]], np.float32), "axis": np.array([1], np.int64),
+        **{f"s{i}": np.array([3 * i]) for i in range(3)}, **{f"e{i}": np.array([3 * i + 3]) for i in range(3)},
+        "ax1": np.array([1]),
+    }
+    node = helper.make_node
+    nodes = [node("Gemm", ["x", "w", "b"], ["y"], transB=int(trans_b))]
+    nodes += [node("Slice", ["y", f"s{i}", f"e{i}", "ax1"], [f"c{i}"]) for i in range(3)]
+    nodes += [
+        node("Add", ["one", "c0"], ["c0p"]), node("Unsqueeze", ["c0p", "axis"], ["out0"]),
+        node("Mul", ["c1", "v"], ["c1v"]), node("Unsqueeze", ["c1v", "axis"], ["c1u"]), node("Add", ["c1u", "two"], ["out1"]),
+        node("Unsqueeze", ["c2", "axis"], ["out2"]),
+    ]
+    outputs = ["out0", "out1", "out2"] + (["c2"] if read_flat else [])
+    graph = helper.make_graph(
+        nodes, "adaln", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+        [numpy_helper.from_array(np.asarray(v, np.int64 if v.dtype.kind == "i" else np.float32), k) for k, v in consts.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_constants_on_the_chunks_fold_into_the_gemm(trans_b):
+    model = _modulation_graph(trans_b, read_flat=False)
+    reference = onnx.ModelProto.FromString(model.SerializeToString())
+
+    assert fuse_modulations(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["Gemm", "Unsqueeze", "Split"]
+    feeds = {"x": np.random.default_rng(1).standard_normal((5, 4), dtype=np.float32)}
+    for got, want in zip(_run(model, feeds), _run(reference, feeds)):
+        assert got.shape == want.shape == (5, 1, 3)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_chunk_read_without_broadcast_keeps_the_graph():
+    model = _modulation_graph(trans_b=False, read_flat=True)
+    before = [n.op_type for n in model.graph.node]
+    assert fuse_modulations(model) == 0
+    assert [n.op_type for n in model.graph.node] == before
