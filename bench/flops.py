@@ -63,49 +63,6 @@ def onnx_flops(path: str | os.PathLike, input_shapes: dict[str, list[int]]) -> f
     return flops
 
 
-def _matmul_session(size: int, threads: int):
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    spec = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [size, size])  # noqa: E731
-    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm", [spec("a"), spec("b")], [spec("c")])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def core_rates(size: int = 256, seconds: float = 0.2) -> list[float]:
-    """Each CPU's single-thread float32 GEMM rate (FLOP/s): the median of repeated [size x size]
-    products through ONNX Runtime's MatMul on one thread, run pinned to that CPU. [] where the OS
-    cannot pin a thread.
-
-    On a shared VM the host may give one vCPU's physical core to another guest for minutes at a time:
-    the cores then differ by 10-30%, and every kernel split evenly across threads waits for the slower.
-    The benchmark reports these rates so that such a run can be told apart.
-    """
-    if not hasattr(os, "sched_setaffinity"):
-        return []
-    a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
-    session = _matmul_session(size, threads=1)  # one thread: the caller's, pinned below
-    original = os.sched_getaffinity(0)
-    rates = []
-    try:
-        for cpu in sorted(original):
-            os.sched_setaffinity(0, {cpu})
-            session.run(None, {"a": a, "b": a})
-            times = []
-            deadline = time.perf_counter() + seconds
-            while time.perf_counter() < deadline:
-                start = time.perf_counter()
-                session.run(None, {"a": a, "b": a})
-                times.append(time.perf_counter() - start)
-            rates.append(2.0 * size**3 / float(np.median(times)))
-    finally:
-        os.sched_setaffinity(0, original)
-    return rates
-
-
 def gemm_rates(size: int = 1024, seconds: float = 1.0, threads: int = 0) -> dict[str, float]:
     """The machine's dense float32 GEMM rate (FLOP/s), best of repeated [size x size] products, through
     numpy's BLAS and through ONNX Runtime's MatMul (`threads` intra-op threads, 0: its default).
@@ -113,10 +70,19 @@ def gemm_rates(size: int = 1024, seconds: float = 1.0, threads: int = 0) -> dict
     The floor uses the faster of the two: on the 2-core AVX-512 machine ONNX Runtime's GEMM runs at
     ~430 GFLOP/s and numpy's at ~250, so a floor from numpy alone is one the runtime can beat.
     """
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
     rng = np.random.default_rng(0)
     a = rng.standard_normal((size, size), dtype=np.float32)
     b = rng.standard_normal((size, size), dtype=np.float32)
-    session = _matmul_session(size, threads)
+    spec = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [size, size])  # noqa: E731
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm", [spec("a"), spec("b")], [spec("c")])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
     products = {"numpy": lambda: a @ b, "onnxruntime": lambda: session.run(None, {"a": a, "b": b})}
     rates = {}
     for library, product in products.items():

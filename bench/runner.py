@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from latentrt.bench.flops import core_rates, gemm_rates, onnx_flops
+from latentrt.bench.flops import gemm_rates, onnx_flops
 from latentrt.errors import InputError, LatentRTError
 
 logger = logging.getLogger(__name__)
@@ -106,8 +106,7 @@ class BenchReport:
             f"{c['steps']} steps, {c['height']}x{c['width']}, batch {c['batch']}, guidance {c['guidance_scale']}, "
             f"{c['runs']} runs; {m['cpu']} ({m['cores']} cores), float32 GEMM "
             + ", ".join(f"{k} {v:.0f}" for k, v in m.get("gemm_gflops_by_library", {"best": m["gemm_gflops"]}).items())
-            + " GFLOP/s"
-            + _core_note(m.get("core_gflops")),
+            + " GFLOP/s",
             "",
             "| backend | end to end (median, min-max) | text encoding | denoising step | VAE decode | speedup vs torch "
             "| peak RSS | max abs diff vs torch | fraction of the floor (step) |",
@@ -153,15 +152,6 @@ class _Worker:
         self.proc.wait(timeout=60)
 
 
-def _core_note(cores: dict | None) -> str:
-    """The markdown header's note on the cores' single-thread GEMM rates ("" when not measured)."""
-    if not cores or not cores.get("before"):
-        return ""
-    spread = max((max(r) / min(r) - 1) * 100 for r in cores.values() if r)
-    rates = "; ".join(f"{when} " + "/".join(f"{r:.0f}" for r in values) for when, values in cores.items() if values)
-    return f"; single-thread GEMM per core {rates} GFLOP/s (cores differ by up to {spread:.0f}%)"
-
-
 def _stats(values: list[float]) -> dict[str, float]:
     return {"median": float(np.median(values)), "min": float(np.min(values)), "max": float(np.max(values))}
 
@@ -193,9 +183,6 @@ def run_bench(config: BenchConfig, *, progress: Callable[[str], None] | None = N
             "max_sequence_length": d.max_sequence_length,
         }
 
-        if progress:
-            progress("measuring each core")
-        cores_before = core_rates()
         workers: dict[str, _Worker] = {}
         timings: dict[str, list[dict]] = {b: [] for b in config.backends}
         try:
@@ -233,7 +220,6 @@ def run_bench(config: BenchConfig, *, progress: Callable[[str], None] | None = N
             progress("measuring the GEMM rate")
         rates = gemm_rates(threads=config.threads)
         rate = max(rates.values())
-        cores_after = core_rates()
         flops = _stage_flops(bundle, manifest, family, replies, config)
 
     floor = {stage: f / rate for stage, f in flops.items()}
@@ -265,9 +251,6 @@ def run_bench(config: BenchConfig, *, progress: Callable[[str], None] | None = N
         "python": platform.python_version(),
         "gemm_gflops": rate / 1e9,
         "gemm_gflops_by_library": {k: v / 1e9 for k, v in rates.items()},
-        # Single-thread GEMM rate of each core before and after the runs: unequal cores (a busy host)
-        # slow ONNX Runtime's evenly split kernels more than eager PyTorch.
-        "core_gflops": {"before": [r / 1e9 for r in cores_before], "after": [r / 1e9 for r in cores_after]},
     }
     report_config = {**asdict(config), "height": height, "width": width, "guidance_scale": guidance}
     return BenchReport(config=report_config, machine=machine, flops=flops, floor_s=floor, backends=results)

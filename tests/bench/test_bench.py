@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
 
 from latentrt.bench import BenchConfig, BenchReport, run_bench
-from latentrt.bench.flops import core_rates, onnx_flops
+from latentrt.bench.flops import onnx_flops
 from latentrt.errors import InputError
 
 
@@ -89,14 +88,3 @@ def test_torch_vs_onnxruntime_report(tiny_sd3_dir, tiny_sd3_bundle):
     again = BenchReport.from_dict(json.loads(json.dumps(report.to_dict())))
     assert again.to_markdown() == report.to_markdown()
     assert "| onnxruntime |" in report.to_markdown()
-    cpus = len(os.sched_getaffinity(0))
-    assert [len(report.machine["core_gflops"][when]) for when in ("before", "after")] == [cpus, cpus]
-    assert "single-thread GEMM per core" in report.to_markdown()
-
-
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs a platform that pins threads (Linux)")
-def test_core_rates_measure_each_cpu_and_unpin():
-    before = os.sched_getaffinity(0)
-    rates = core_rates(size=64, seconds=0.02)
-    assert len(rates) == len(before) and all(1e8 < r < 1e13 for r in rates)  # 0.1 GFLOP/s to 10 TFLOP/s
-    assert os.sched_getaffinity(0) == before
