@@ -6,8 +6,10 @@ from __future__ import annotations
 class GraphView:
     """Producers, consumers and constants of one graph, for pattern matching before a rewrite.
 
-    Constants (initializers and Constant nodes) are kept as TensorProtos and converted on lookup,
-    so a model's weights are not copied into numpy arrays up front.
+    A node whose subgraph (an If branch, a Loop body) reads a tensor counts as one of its consumers.
+    Constants are the initializers (except those also declared as graph inputs, which a caller may
+    override) and Constant nodes, kept as TensorProtos and converted on lookup, so a model's weights
+    are not copied into numpy arrays up front.
     """
 
     def __init__(self, graph) -> None:
@@ -16,9 +18,10 @@ class GraphView:
         self.producer = {o: n for n in graph.node for o in n.output}
         self.consumers: dict[str, list] = {}
         for n in graph.node:
-            for i in n.input:
+            for i in list(n.input) + sorted(_subgraph_reads(n) - set(n.input)):
                 self.consumers.setdefault(i, []).append(n)
-        self.constants = {t.name: t for t in graph.initializer}
+        inputs = {i.name for i in graph.input}
+        self.constants = {t.name: t for t in graph.initializer if t.name not in inputs}
         for n in graph.node:
             if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
                 self.constants[n.output[0]] = n.attribute[0].t
@@ -42,10 +45,17 @@ def used_names(graph) -> set[str]:
     used = {o.name for o in graph.output}
     for node in graph.node:
         used.update(i for i in node.input if i)
-        for a in node.attribute:
-            for sub in list(a.graphs) + ([a.g] if a.HasField("g") else []):
-                used |= used_names(sub)
+        used |= _subgraph_reads(node)
     return used
+
+
+def _subgraph_reads(node) -> set[str]:
+    """Names read inside the node's subgraphs (a superset of the outer tensors they use)."""
+    reads: set[str] = set()
+    for a in node.attribute:
+        for sub in list(a.graphs) + ([a.g] if a.HasField("g") else []):
+            reads |= used_names(sub)
+    return reads
 
 
 def drop_dead(graph) -> None:
@@ -57,7 +67,13 @@ def drop_dead(graph) -> None:
             break
         del graph.node[:]
         graph.node.extend(live)
-    # Deleted in place: extending a repeated field copies each tensor, weights included.
+    # Deleted in place: extending a repeated field copies each tensor, weights included. An
+    # initializer also declared as a graph input goes with its declaration, or it becomes a required input.
+    dropped = set()
     for i in reversed(range(len(graph.initializer))):
         if graph.initializer[i].name not in used:
+            dropped.add(graph.initializer[i].name)
             del graph.initializer[i]
+    for i in reversed(range(len(graph.input))):
+        if graph.input[i].name in dropped:
+            del graph.input[i]

@@ -199,7 +199,7 @@ def fuse_modulations(model) -> int:
     outputs = {o.name for o in model.graph.output}
     replacements: dict[int, list] = {}
     removed: set[int] = set()
-    for gemm in [n for n in model.graph.node if n.op_type == "Gemm"]:
+    for gemm in [n for n in model.graph.node if n.op_type == "Gemm" and n.domain in _STANDARD]:
         if _attr(gemm, "transA", 0) or _attr(gemm, "alpha", 1.0) != 1.0 or _attr(gemm, "beta", 1.0) != 1.0:
             continue
         weight = g.constant(gemm.input[1])
@@ -210,18 +210,20 @@ def fuse_modulations(model) -> int:
         has_bias = len(gemm.input) > 2 and bool(gemm.input[2])
         bias = g.constant(gemm.input[2]) if has_bias else np.zeros(width, weight.dtype)
         chunks = _chunks(g, gemm.output[0], 0, width, outputs)
-        if bias is None or bias.size != width or chunks is None or not _tiles(chunks, width):
+        if bias is None or bias.shape not in ((width,), (1, width)) or chunks is None or not _tiles(chunks, width):
             continue
         ends = [_broadcast(g, name, hi - lo, weight.dtype, outputs) for lo, hi, name in chunks]
         if any(e is None for e in ends):
             continue
-        scaled = any(np.any(scale != 1) for _, scale, _ in ends)
-        bias = bias.reshape(width)
         column_scale = np.concatenate([scale for _, scale, _ in ends])
-        if scaled:
-            weight = weight * (column_scale[:, None] if rows else column_scale)
-        bias = bias * column_scale + np.concatenate([shift for _, _, shift in ends])
-        prefix = gemm.name or gemm.output[0]
+        scaled = bool(np.any(column_scale != 1))
+        with np.errstate(over="ignore", invalid="ignore"):
+            if scaled:
+                weight = weight * (column_scale[:, None] if rows else column_scale)
+            bias = bias.reshape(width) * column_scale + np.concatenate([shift for _, _, shift in ends])
+        if not (np.all(np.isfinite(weight)) and np.all(np.isfinite(bias))):  # float16 can overflow
+            continue
+        prefix = gemm.output[0]
         tensors = [
             numpy_helper.from_array(bias, f"{prefix}/modulation_bias"),
             numpy_helper.from_array(np.array([1], np.int64), f"{prefix}/axis_1"),
@@ -233,12 +235,15 @@ def fuse_modulations(model) -> int:
         attrs = {a.name: helper.get_attribute_value(a) for a in gemm.attribute}
         w_name = tensors[-1].name if scaled else gemm.input[1]
         replacements[id(gemm)] = [
-            helper.make_node("Gemm", [gemm.input[0], w_name, tensors[0].name], [f"{prefix}/modulation"], name=prefix, **attrs),
+            helper.make_node("Gemm", [gemm.input[0], w_name, tensors[0].name], [f"{prefix}/modulation"], name=gemm.name, **attrs),
             helper.make_node("Unsqueeze", [f"{prefix}/modulation", tensors[1].name], [f"{prefix}/modulation_3d"], name=f"{prefix}/unsqueeze"),
             helper.make_node("Split", [f"{prefix}/modulation_3d", tensors[2].name], [name for name, _, _ in ends], axis=2, name=f"{prefix}/chunks"),
         ]
         removed.update(id(g.producer[name]) for name, _, _ in ends)
     return _replace(model, replacements, removed)
+
+
+_STANDARD = ("", "ai.onnx")
 
 
 def _chunks(g: GraphView, name: str, lo: int, hi: int, outputs: set) -> list | None:
@@ -250,6 +255,8 @@ def _chunks(g: GraphView, name: str, lo: int, hi: int, outputs: set) -> list | N
     chunks = []
     for node in readers:
         inputs = list(node.input) + [""] * 5
+        if node.domain not in _STANDARD:
+            return None
         if node.op_type == "Slice":
             starts, ends = g.constant(inputs[1]), g.constant(inputs[2])
             axes = g.constant(inputs[3]) if inputs[3] else np.zeros(1, np.int64)
@@ -293,29 +300,29 @@ def _broadcast(g: GraphView, name: str, width: int, dtype, outputs: set) -> tupl
     constants (scalars or [width] vectors) on the way: (the broadcast chunk's name, scale, shift)
     with `broadcast = chunk * scale + shift`, or None if the chunk is not unsqueezed on axis 1."""
     scale, shift = np.ones(width, dtype), np.zeros(width, dtype)
-    rank = 2
-    while True:
-        readers = g.consumers.get(name, [])
-        node = readers[0] if len(readers) == 1 and name not in outputs else None
-        if node is not None and node.op_type in ("Add", "Mul"):
-            other = node.input[1] if node.input[0] == name else node.input[0]
-            value = _per_column(g.constant(other), width, rank, dtype)
-            if value is None:
-                node = None
-            elif node.op_type == "Add":
-                shift = shift + value
-            else:
-                scale, shift = scale * value, shift * value
-        elif node is not None and node.op_type == "Unsqueeze" and rank == 2:
+    unsqueezed = False
+    while name not in outputs and len(g.consumers.get(name, [])) == 1:
+        node = g.consumers[name][0]
+        if node.domain not in _STANDARD:
+            break
+        if node.op_type == "Unsqueeze" and not unsqueezed:
             axes = g.constant(node.input[1]) if len(node.input) > 1 else None
             if axes is None or axes.reshape(-1).tolist() != [1]:
                 return None
-            rank = 3
+            unsqueezed = True
+        elif node.op_type in ("Add", "Mul"):
+            other = node.input[1] if node.input[0] == name else node.input[0]
+            value = _per_column(g.constant(other), width, 3 if unsqueezed else 2, dtype)
+            if value is None:
+                break
+            if node.op_type == "Add":
+                shift = shift + value
+            else:
+                scale, shift = scale * value, shift * value
         else:
-            node = None
-        if node is None:
-            return (name, scale, shift) if rank == 3 else None
+            break
         name = node.output[0]
+    return (name, scale, shift) if unsqueezed else None
 
 
 def _per_column(value, width: int, rank: int, dtype) -> np.ndarray | None:
@@ -341,7 +348,8 @@ def _replace(model, replacements: dict[int, list], removed: set[int] = frozenset
     del model.graph.node[:]
     model.graph.node.extend(order)
     drop_dead(model.graph)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+    contrib = any(n.domain == "com.microsoft" for nodes in replacements.values() for n in nodes)
+    if contrib and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return len(replacements)
 

@@ -188,3 +188,60 @@ def test_a_chunk_read_without_broadcast_keeps_the_graph():
     before = [n.op_type for n in model.graph.node]
     assert fuse_modulations(model) == 0
     assert [n.op_type for n in model.graph.node] == before
+
+
+def _split_graph(*, subgraph_read=False, initializers_as_inputs=False, dtype=np.float32, scale=3.0):
+    """x [b, 4] -> Gemm -> Split [6, 3] -> the 6 cut by Slices [-6:-3] and [3:huge], each unsqueezed, the
+    last chunk multiplied by `scale` and unsqueezed. Optionally an If branch also reads the first chunk,
+    or every initializer is also declared as a graph input (overridable, so not a constant)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    consts = {
+        "w": rng.standard_normal((4, 9)).astype(dtype), "b": rng.standard_normal(9).astype(dtype), "sizes": np.array([6, 3]),
+        "lo": np.array([-6]), "mid": np.array([-3]), "three": np.array([3]), "huge": np.array([2**62]), "ax1": np.array([1]),
+        "k": np.array(scale, dtype),
+    }
+    node = helper.make_node
+    nodes = [
+        node("Gemm", ["x", "w", "b"], ["y"]), node("Split", ["y", "sizes"], ["s0", "s1"], axis=1),
+        node("Slice", ["s0", "lo", "mid", "ax1"], ["c0"]), node("Slice", ["s0", "three", "huge", "ax1"], ["c1"]),
+        node("Mul", ["s1", "k"], ["c2"]),
+    ] + [node("Unsqueeze", [f"c{i}", "ax1"], [f"out{i}"]) for i in range(3)]
+    outputs = [helper.make_tensor_value_info(f"out{i}", elem, None) for i in range(3)]
+    if subgraph_read:
+        branch = helper.make_graph([node("Identity", ["c0"], ["seen"])], "then", [], [helper.make_tensor_value_info("seen", elem, None)])
+        nodes.append(node("If", ["flag"], ["picked"], then_branch=branch, else_branch=branch))
+        outputs.append(helper.make_tensor_value_info("picked", elem, None))
+    initializers = [numpy_helper.from_array(np.asarray(v, np.int64 if v.dtype.kind == "i" else dtype), n) for n, v in consts.items()]
+    inputs = [helper.make_tensor_value_info("x", elem, ["b", 4])]
+    if subgraph_read:
+        initializers.append(numpy_helper.from_array(np.array(True), "flag"))
+    if initializers_as_inputs:
+        inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in initializers]
+    graph = helper.make_graph(nodes, "split", inputs, outputs, initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_chunks_cut_by_a_split_and_negative_slices():
+    model = _split_graph()
+    reference = onnx.ModelProto.FromString(model.SerializeToString())
+    assert fuse_modulations(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["Gemm", "Unsqueeze", "Split"]
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 4), dtype=np.float32)}
+    for got, want in zip(_run(model, feeds), _run(reference, feeds)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "case", [dict(subgraph_read=True), dict(initializers_as_inputs=True), dict(dtype=np.float16, scale=6e4)],
+    ids=["read-in-a-subgraph", "initializers-are-inputs", "float16-overflow"],
+)
+def test_what_the_fold_cannot_keep_leaves_the_graph(case):
+    """A chunk also read inside an If branch; weights a caller may override; a Mul that folded into a
+    float16 weight would overflow it."""
+    model = _split_graph(**case)
+    before = [n.op_type for n in model.graph.node]
+    assert fuse_modulations(model) == 0
+    assert [n.op_type for n in model.graph.node] == before
