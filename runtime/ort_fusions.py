@@ -221,7 +221,7 @@ def fuse_modulations(model) -> int:
             if scaled:
                 weight = weight * (column_scale[:, None] if rows else column_scale)
             bias = bias.reshape(width) * column_scale + np.concatenate([shift for _, _, shift in ends])
-        if not (np.all(np.isfinite(weight)) and np.all(np.isfinite(bias))):  # float16 can overflow
+        if not np.all(np.isfinite(bias)) or (scaled and not np.all(np.isfinite(weight))):  # float16 can overflow
             continue
         prefix = gemm.output[0]
         tensors = [
