@@ -29,9 +29,10 @@ the same integers, so the same result.
 ([batch, k * C], a Gemm), chunk it and broadcast each chunk over the tokens:
 `x * (1 + scale[:, None]) + shift[:, None]`. Exported, each chunk is a Slice, an Unsqueeze and for
 the scales an `Add 1` (a calibrated graph adds SmoothQuant's `Mul 1/s`): kernels of a few hundred
-values whose cost is all overhead. Here the Gemm's output is unsqueezed once to [batch, 1, k * C]
-and split on axis 2 straight into the broadcast chunks; a constant added to or multiplied into a
-chunk on the way is folded into that chunk's columns of the Gemm's weight and bias.
+values whose cost is all overhead (the dynamo exporter, used for Flux, writes the chunks as one Split).
+Here the Gemm's output is unsqueezed once to [batch, 1, k * C] and split on axis 2 straight into the
+broadcast chunks; a constant added to or multiplied into a chunk on the way is folded into that
+chunk's columns of the Gemm's weight and bias.
 """
 
 from __future__ import annotations
@@ -267,6 +268,10 @@ def _chunks(g: GraphView, name: str, lo: int, hi: int, outputs: set) -> list | N
             parts = [(lo + start, lo + end, node.output[0])]
         elif node.op_type == "Split":
             sizes = g.constant(inputs[1]) if inputs[1] else None
+            count = _attr(node, "num_outputs")
+            if sizes is None and count:  # opset 18: equal parts, the last one smaller if need be
+                part = -(-(hi - lo) // count)
+                sizes = np.array([part] * (count - 1) + [hi - lo - part * (count - 1)])
             if _attr(node, "axis", 0) not in (1, -1) or sizes is None or sizes.sum() != hi - lo:
                 return None
             edges = lo + np.concatenate([[0], np.cumsum(sizes)])

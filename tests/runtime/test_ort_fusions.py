@@ -245,3 +245,26 @@ def test_what_the_fold_cannot_keep_leaves_the_graph(case):
     before = [n.op_type for n in model.graph.node]
     assert fuse_modulations(model) == 0
     assert [n.op_type for n in model.graph.node] == before
+
+
+def test_flux_modulations_split_by_num_outputs(preset_bundle):
+    """The dynamo exporter (Flux) writes `emb.chunk(6, dim=1)` as an opset-18 Split with num_outputs."""
+    path = preset_bundle("tiny-flux") / "onnx" / "transformer.onnx"
+    model = onnx.load(str(path))
+    assert any(n.op_type == "Split" and any(a.name == "num_outputs" for a in n.attribute) for n in model.graph.node)
+    unsqueezes = sum(n.op_type == "Unsqueeze" for n in model.graph.node)
+
+    assert fuse_modulations(model) == 5  # norm1 and norm1_context of the double block, the norm of each of 2 single blocks, norm_out
+    assert sum(n.op_type == "Unsqueeze" for n in model.graph.node) < unsqueezes
+    rng = np.random.default_rng(0)
+    for batch, image, text in ((2, 16, 8), (1, 36, 5)):
+        feeds = {
+            "hidden_states": rng.standard_normal((batch, image, 64), dtype=np.float32),
+            "encoder_hidden_states": rng.standard_normal((batch, text, 48), dtype=np.float32),
+            "pooled_projections": rng.standard_normal((batch, 32), dtype=np.float32),
+            "timestep": rng.random(batch, dtype=np.float32),
+            "img_ids": rng.random((image, 3), dtype=np.float32) * 4,
+            "txt_ids": np.zeros((text, 3), np.float32),
+            "guidance": np.full(batch, 3.5, np.float32),
+        }
+        np.testing.assert_allclose(_run(model, feeds)[0], _run(path, feeds)[0], rtol=1e-5, atol=1e-5)
