@@ -49,6 +49,7 @@ from latentrt.runtime.onnx_graph import GraphView, drop_dead
 log = logging.getLogger(__name__)
 
 MAX_INLINE_BYTES = 1 << 31  # larger models keep their weights in external data; they are not rewritten
+_STANDARD = ("", "ai.onnx")  # the default ONNX domain, as nodes write it
 
 
 def _attr(node, name: str, default=None):
@@ -242,9 +243,6 @@ def fuse_modulations(model) -> int:
         ]
         removed.update(id(g.producer[name]) for name, _, _ in ends)
     return _replace(model, replacements, removed)
-
-
-_STANDARD = ("", "ai.onnx")
 
 
 def _chunks(g: GraphView, name: str, lo: int, hi: int, outputs: set) -> list | None:
