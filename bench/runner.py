@@ -159,7 +159,7 @@ def _stats(values: list[float]) -> dict[str, float]:
 def run_bench(config: BenchConfig, *, progress: Callable[[str], None] | None = None) -> BenchReport:
     """Run `config` and return the report (see BenchReport.to_markdown / to_dict)."""
     from latentrt.runtime.families import FAMILIES
-    from latentrt.runtime.manifest import load_manifest
+    from latentrt.bundle.manifest import load_manifest
 
     with tempfile.TemporaryDirectory(prefix="latentrt-bench-") as tmp:
         tmp = Path(tmp)

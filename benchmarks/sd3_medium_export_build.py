@@ -29,7 +29,7 @@ def export(out: Path) -> dict:
     from latentrt.export.onnx_export import export_component, parameter_bytes
     from latentrt.models.sd3 import SD3TransformerAdapter
     from latentrt.models.spec import ComponentExport, TensorTemplate
-    from latentrt.runtime.manifest import AxisRange
+    from latentrt.bundle.manifest import AxisRange
 
     start = time.perf_counter()
     torch.manual_seed(0)

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 
 from latentrt.calibration.histogram import DEFAULT_BINS, Histogram
-from latentrt.runtime.manifest import Manifest, TensorSpec
+from latentrt.bundle.manifest import Manifest, TensorSpec
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def collect_statistics(
         `collector`, updated.
     """
     from latentrt.runtime.families import FAMILIES
-    from latentrt.runtime.onnxruntime_engine import OnnxRuntimeEngine
+    from latentrt.runtime.backends.onnxruntime.engine import OnnxRuntimeEngine
     from latentrt.runtime.pipeline import Pipeline
 
     bundle = Path(bundle)

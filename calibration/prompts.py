@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from latentrt.errors import InputError
-from latentrt.runtime.manifest import Manifest
+from latentrt.bundle.manifest import Manifest
 
 PROMPTS_DIR = Path(__file__).parent / "prompts"
 DEFAULT_PROMPTS = PROMPTS_DIR / "default.txt"

@@ -36,8 +36,8 @@ from latentrt.calibration.prompts import default_prompts, load_prompts, prompts_
 from latentrt.calibration.qdq import FP8_MIN_OPSET, insert_qdq, model_opset
 from latentrt.calibration.smoothquant import smooth_graph
 from latentrt.errors import BundleError, InputError
-from latentrt.runtime.bundle_writer import check_output_dir, writing_bundle
-from latentrt.runtime.manifest import Component, Manifest, load_manifest, sha256_file
+from latentrt.bundle.writer import check_output_dir, writing_bundle
+from latentrt.bundle.manifest import Component, Manifest, load_manifest, sha256_file
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ def _shape(spec) -> str:
 @click.argument("bundle", type=click.Path())
 def command(bundle: str) -> None:
     """Print a readable summary of BUNDLE's manifest (and verify its files)."""
-    from latentrt.runtime.manifest import load_manifest
+    from latentrt.bundle.manifest import load_manifest
 
     m = load_manifest(bundle)
     click.echo(f"bundle:    {bundle}")

@@ -11,7 +11,7 @@ same ONNX file, library, compute capabilities, profile and flags::
 
 Modules: `library` (find NVIDIA TensorRT or TensorRT-RTX), `profiles` (optimization profiles from
 the manifest and a request), `cache` (keys, metadata, atomic writes, stale detection), `build`
-(parse, check, build). The engines run through `latentrt.runtime.tensorrt_engine`.
+(parse, check, build). The engines run through `latentrt.runtime.backends.tensorrt.engine`.
 TensorRT itself is imported only when a build or a config check needs it.
 """
 

@@ -30,7 +30,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from latentrt.engines.cache import EngineRecord, EngineSpec, EngineStatus, atomic_write, find_engine, list_engines, write_engine
+from latentrt.bundle.writer import atomic_write
+from latentrt.engines.cache import EngineRecord, EngineSpec, EngineStatus, find_engine, list_engines, write_engine
 from latentrt.engines.library import (
     TARGETS,
     Target,
@@ -42,7 +43,7 @@ from latentrt.engines.library import (
 )
 from latentrt.engines.profiles import ComponentProfile, Guidance, ShapeRequest, Size, Triple, resolve_profiles
 from latentrt.errors import BuildError, InputError
-from latentrt.runtime.manifest import Component, Manifest, load_manifest
+from latentrt.bundle.manifest import Component, Manifest, load_manifest
 
 log = logging.getLogger(__name__)
 

@@ -18,14 +18,14 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from latentrt.errors import BundleError
-from latentrt.runtime.manifest import Manifest
+from latentrt.bundle.manifest import Manifest
+from latentrt.bundle.writer import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -241,21 +241,6 @@ def write_engine(
     )
     atomic_write(meta, (json.dumps(record.to_dict(), indent=2) + "\n").encode())
     return record
-
-
-def atomic_write(path: str | os.PathLike, data: bytes | memoryview) -> None:
-    """Write `data` to a temporary file beside `path`, flush it to disk, then rename it over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_records(bundle: str | os.PathLike) -> list[EngineRecord]:

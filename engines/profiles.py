@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from latentrt.errors import BundleError, InputError
-from latentrt.runtime.manifest import Component, Manifest
+from latentrt.bundle.manifest import Component, Manifest
 
 Guidance = Literal["cfg", "none"]
 Role = Literal["text_encoder", "denoiser", "vae_decoder"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from latentrt.runtime.onnx_graph import GraphView, drop_dead, used_names
+from latentrt.graph.view import GraphView, drop_dead, used_names
 
 
 def fold_squeeze_ifs(model) -> None:

@@ -15,7 +15,7 @@ import torch
 from latentrt.errors import ExportError
 from latentrt.export.graph_passes import fold_squeeze_ifs, fold_static_shapes, fuse_parallel_matmuls, integer_ranges
 from latentrt.models.spec import ComponentExport, TensorTemplate
-from latentrt.runtime.manifest import TensorSpec, Validation
+from latentrt.bundle.manifest import TensorSpec, Validation
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from latentrt.export.onnx_export import export_component, io_specs, validate_com
 from latentrt.models import families
 from latentrt.models.loader import load_pipeline, read_model_index
 from latentrt.models.presets import PRESETS, save_preset
-from latentrt.runtime.bundle_writer import writing_bundle
-from latentrt.runtime.manifest import Component, Manifest, TokenizerSpec, jsonable, sha256_file
+from latentrt.bundle.writer import writing_bundle
+from latentrt.bundle.manifest import Component, Manifest, TokenizerSpec, jsonable, sha256_file
 
 logger = logging.getLogger(__name__)
 

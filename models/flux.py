@@ -17,7 +17,7 @@ from latentrt.models.spec import ComponentExport, FamilyExport, TensorTemplate, 
 from latentrt.models.vae import latent_spec, vae_decoder_export
 from latentrt.models.tiny import tiny_clip, tiny_t5, tiny_vae
 from latentrt.models.tokenizers import clip_bpe, save_tokenizer, t5_unigram
-from latentrt.runtime.manifest import AxisRange, Defaults
+from latentrt.bundle.manifest import AxisRange, Defaults
 
 REQUIRED = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 OPTIONAL = ()

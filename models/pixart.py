@@ -1,7 +1,7 @@
 """PixArt-alpha / PixArt-sigma: a T5 encoder with attention mask, PixArtTransformer2DModel, the configured scheduler.
 
 The transformer's output carries a learned variance: `out_channels = 2 * in_channels`, and the
-pipeline keeps the first half (runtime/family_pixart.py).
+pipeline keeps the first half (runtime/families/pixart.py).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from latentrt.models.spec import ComponentExport, FamilyExport, TensorTemplate, 
 from latentrt.models.vae import latent_spec, vae_decoder_export
 from latentrt.models.tiny import tiny_t5, tiny_vae
 from latentrt.models.tokenizers import save_tokenizer, t5_unigram
-from latentrt.runtime.manifest import AxisRange, Defaults
+from latentrt.bundle.manifest import AxisRange, Defaults
 
 REQUIRED = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer")
 OPTIONAL = ()

@@ -1,7 +1,7 @@
 """Stable Diffusion 3 / 3.5: CLIP-L + CLIP-G (+ optional T5) text encoders, MMDiT denoiser, 16-channel VAE.
 
 Export adapters fix each component's input/output names and return plain tensors; `sd3_export`
-describes the pipeline for the manifest. Prompt handling at run time is in runtime/families.py.
+describes the pipeline for the manifest. Prompt handling at run time is in runtime/families/__init__.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from latentrt.models.spec import ComponentExport, FamilyExport, TensorTemplate, 
 from latentrt.models.vae import latent_spec, vae_decoder_export
 from latentrt.models.tiny import tiny_clip, tiny_t5, tiny_vae
 from latentrt.models.tokenizers import clip_bpe, save_tokenizer, t5_unigram
-from latentrt.runtime.manifest import AxisRange, Defaults
+from latentrt.bundle.manifest import AxisRange, Defaults
 
 REQUIRED = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 OPTIONAL = ("text_encoder_3", "tokenizer_3")

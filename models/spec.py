@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from latentrt.runtime.manifest import AxisRange, Defaults, LatentSpec
+from latentrt.bundle.manifest import AxisRange, Defaults, LatentSpec
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Export adapters fix each component's input/output names and return plain tensors;
 `sd15_export` / `sdxl_export` describe the pipelines for the manifest. Prompt handling at run time
-is in runtime/family_unet.py.
+is in runtime/families/unet.py.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from latentrt.models.spec import ComponentExport, FamilyExport, TensorTemplate, 
 from latentrt.models.vae import latent_spec, vae_decoder_export
 from latentrt.models.tiny import tiny_clip, tiny_vae
 from latentrt.models.tokenizers import clip_bpe, save_tokenizer
-from latentrt.runtime.manifest import AxisRange, Defaults
+from latentrt.bundle.manifest import AxisRange, Defaults
 
 SD15_REQUIRED = ("unet", "vae", "scheduler", "text_encoder", "tokenizer")
 SDXL_REQUIRED = ("unet", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from latentrt.models.spec import ComponentExport, TensorTemplate
-from latentrt.runtime.manifest import AxisRange, LatentSpec
+from latentrt.bundle.manifest import AxisRange, LatentSpec
 
 
 class VAEDecoderAdapter(torch.nn.Module):

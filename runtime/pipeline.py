@@ -13,13 +13,16 @@ from typing import Literal
 import numpy as np
 
 from latentrt.errors import BundleError, InputError
+from latentrt.bundle.manifest import Manifest, load_manifest
+from latentrt.runtime.backends import load_engines
+from latentrt.runtime.engine import BackendOptions, Engine, OnDevice
 from latentrt.runtime.families import FAMILIES
-from latentrt.runtime.manifest import Manifest, load_manifest
+from latentrt.runtime.schedulers.flow_match import FlowMatchSchedule
 from latentrt.runtime.tokenizer import PromptTokenizer
 
 logger = logging.getLogger(__name__)
 
-Backend = Literal["onnxruntime", "tensorrt"]
+Backend = Literal["onnxruntime", "tensorrt"]  # runtime/backends/__init__.py: BACKENDS
 
 
 @dataclass
@@ -47,7 +50,7 @@ class Pipeline:
         >>> out.images[0].save("out.png")  # doctest: +SKIP
     """
 
-    def __init__(self, bundle: Path, manifest: Manifest, engines: dict[str, Callable]) -> None:
+    def __init__(self, bundle: Path, manifest: Manifest, engines: dict[str, Engine]) -> None:
         if manifest.family not in FAMILIES:
             raise BundleError(f"{bundle}: unknown pipeline family {manifest.family!r}; this latentrt runs {', '.join(FAMILIES)}")
         self.bundle = bundle
@@ -58,7 +61,7 @@ class Pipeline:
             for name, spec in manifest.tokenizers.items()
         }
         self.family = FAMILIES[manifest.family](manifest, engines, tokenizers)
-        self._device_denoiser = None  # built on first use: TensorRT only (runtime/tensorrt_loop.py)
+        self._device_denoiser = None  # built on first use, where the denoiser engine offers a device loop
 
     @classmethod
     def load(
@@ -80,21 +83,7 @@ class Pipeline:
         """
         bundle = Path(bundle)
         manifest = load_manifest(bundle, verify=verify)
-        if backend == "onnxruntime":
-            from latentrt.runtime.onnxruntime_engine import OnnxRuntimeEngine
-
-            engines = {
-                name: OnnxRuntimeEngine(
-                    bundle / comp.file, comp.inputs, comp.outputs, providers=providers or ("CPUExecutionProvider",), threads=threads
-                )
-                for name, comp in manifest.components.items()
-            }
-        elif backend == "tensorrt":
-            from latentrt.runtime.tensorrt_engine import load_tensorrt_engines
-
-            engines = load_tensorrt_engines(bundle, manifest)
-        else:
-            raise InputError(f"unknown backend {backend!r}; choose 'onnxruntime' or 'tensorrt'")
+        engines = load_engines(backend, bundle, manifest, BackendOptions(providers=providers, threads=threads))
         return cls(bundle, manifest, engines)
 
     def _latent_size(self, height: int, width: int) -> tuple[int, int]:
@@ -202,7 +191,7 @@ class Pipeline:
         latents = latents * np.float32(schedule.init_noise_sigma)
         feeds = lambda x, t: family.denoiser_feeds(x, t, cond, guidance)  # noqa: E731
         device_loop = self._device_loop(schedule, latents, feeds)
-        if device_loop is not None:  # TensorRT: every step on the GPU
+        if device_loop is not None:  # every step on the device (TensorRT)
             latents = device_loop.run(
                 latents, feeds, schedule.timesteps, schedule.sigmas,
                 guidance=guidance, cfg=cfg, callback=callback, step_times=timings["denoising_steps"],
@@ -228,29 +217,21 @@ class Pipeline:
         return np.clip(decoded / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
 
     def _device_loop(self, schedule, latents: np.ndarray, feeds: Callable):
-        """A `DeviceDenoiser` when the whole loop can run on the GPU (TensorRT, flow matching, the
-        model output is one denoiser output unchanged), else None (the loop runs in numpy)."""
-        from latentrt.runtime.scheduler_flow_match import FlowMatchSchedule
-
-        denoiser = self.engines[self.family.denoiser]
-        if not isinstance(schedule, FlowMatchSchedule) or not hasattr(denoiser, "bind"):
+        """The denoiser engine's device loop when the whole loop can run on the device (flow matching,
+        an engine with `device_loop`, the model output is one denoiser output unchanged), else None."""
+        make_loop = getattr(self.engines[self.family.denoiser], "device_loop", None)
+        if not isinstance(schedule, FlowMatchSchedule) or make_loop is None:
             return None
         if self._device_denoiser is None:
-            from latentrt.runtime.tensorrt_engine import OnDevice
-            from latentrt.runtime.tensorrt_loop import DeviceDenoiser
-
             marker = OnDevice(latents.shape)
             latent_input = next((n for n, v in feeds(marker, np.float32(0)).items() if v is marker), None)
-            sentinels = {spec.name: object() for spec in denoiser.outputs}
+            sentinels = {spec.name: object() for spec in self.engines[self.family.denoiser].outputs}
             try:
                 picked = self.family.model_output(sentinels)
             except (TypeError, IndexError, AttributeError):  # the family post-processes the output
                 picked = None
             velocity = next((n for n, v in sentinels.items() if v is picked), None)
-            if latent_input is None or velocity is None:
-                self._device_denoiser = False
-            else:
-                self._device_denoiser = DeviceDenoiser(denoiser, latent_input, velocity)
+            self._device_denoiser = False if latent_input is None or velocity is None else make_loop(latent_input, velocity)
         return self._device_denoiser or None
 
     def _images_per_call(self, cfg: bool) -> int:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from latentrt.runtime.family_flux import image_ids, pack_latents, unpack_latents
-from latentrt.runtime.manifest import load_manifest
+from latentrt.runtime.families.flux import image_ids, pack_latents, unpack_latents
+from latentrt.bundle.manifest import load_manifest
 from latentrt.runtime.pipeline import Pipeline
 
 

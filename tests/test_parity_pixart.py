@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from latentrt.runtime.manifest import load_manifest
+from latentrt.bundle.manifest import load_manifest
 from latentrt.runtime.pipeline import Pipeline
 
 

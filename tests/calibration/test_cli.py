@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from latentrt.cli.main import main
-from latentrt.runtime.manifest import load_manifest
+from latentrt.bundle.manifest import load_manifest
 
 
 def test_calibrate_command_writes_a_quantized_bundle(tiny_sd3_bundle, tmp_path, capsys):

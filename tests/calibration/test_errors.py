@@ -10,7 +10,7 @@ import pytest
 
 from latentrt.calibration.quantize import QuantizeConfig, quantize_bundle
 from latentrt.errors import InputError
-from latentrt.runtime.manifest import load_manifest, sha256_file
+from latentrt.bundle.manifest import load_manifest, sha256_file
 
 from .conftest import FAST
 

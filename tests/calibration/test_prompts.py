@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 from latentrt.calibration.prompts import DEFAULT_PROMPTS, EVAL_PROMPTS, default_prompts, load_prompts, prompts_sha256
-from latentrt.runtime.manifest import load_manifest
+from latentrt.bundle.manifest import load_manifest
 
 
 def test_load_prompts_skips_blank_and_comment_lines(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from onnx import numpy_helper
 
 from latentrt.calibration.qdq import quantize_weight, weight_scales
-from latentrt.runtime.manifest import load_manifest
+from latentrt.bundle.manifest import load_manifest
 
 LAYER_OPS = ("MatMul", "Gemm", "Conv")
 

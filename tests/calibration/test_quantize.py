@@ -15,8 +15,8 @@ from latentrt.calibration.cache import read_calibration_cache, scale_hex, write_
 from latentrt.calibration.prompts import prompts_sha256
 from latentrt.calibration.quality import QualityReport, compare_bundles, psnr
 from latentrt.calibration.quantize import QuantizeConfig, quantize_bundle
-from latentrt.runtime.manifest import load_manifest, sha256_file
-from latentrt.runtime.onnxruntime_engine import OnnxRuntimeEngine
+from latentrt.bundle.manifest import load_manifest, sha256_file
+from latentrt.runtime.backends.onnxruntime.engine import OnnxRuntimeEngine
 
 from .conftest import FAST
 

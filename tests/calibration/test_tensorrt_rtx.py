@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from latentrt.runtime.manifest import load_manifest
+from latentrt.bundle.manifest import load_manifest
 
 
 @pytest.mark.parametrize("which", ["int8_bundle", "fp8_bundle"])

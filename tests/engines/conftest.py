@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from latentrt.runtime.manifest import load_manifest
+from latentrt.bundle.manifest import load_manifest
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 
 from latentrt.engines import BuildConfig, build_engines, build_serialized_engine, inspect_engines, parse_image_size, resolve_profiles
 from latentrt.errors import BuildError, InputError
-from latentrt.runtime.manifest import load_manifest, sha256_file
+from latentrt.bundle.manifest import load_manifest, sha256_file
 
 pytestmark = pytest.mark.usefixtures("rtx")
 

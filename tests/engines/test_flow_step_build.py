@@ -6,8 +6,8 @@ import onnx
 import pytest
 
 from latentrt.engines import build_serialized_engine
-from latentrt.runtime.flow_step import flow_step_model, step_specs
-from latentrt.runtime.tensorrt_loop import step_profile
+from latentrt.runtime.backends.tensorrt.flow_step import flow_step_model, step_specs
+from latentrt.runtime.backends.tensorrt.loop import step_profile
 
 
 @pytest.mark.parametrize("cfg", [True, False])

@@ -17,7 +17,7 @@ from latentrt.engines.profiles import (
     resolve_profiles,
 )
 from latentrt.errors import InputError
-from latentrt.runtime.manifest import AxisRange, TensorSpec
+from latentrt.bundle.manifest import AxisRange, TensorSpec
 
 # tiny-sd3: vae_scale_factor 8, latent axes 4..96 (multiple of 2), batch 1..8 (VAE 1..4),
 # T5 sequence 1..512 (opt 256), context_length 77..589, CLIP length 77.

@@ -9,7 +9,7 @@ import pytest
 
 from latentrt.errors import ExportError, InputError
 from latentrt.export.pipeline import ExportConfig, export_pipeline
-from latentrt.runtime.manifest import load_manifest, sha256_file
+from latentrt.bundle.manifest import load_manifest, sha256_file
 
 
 def _leftovers(directory):

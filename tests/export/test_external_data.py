@@ -6,7 +6,7 @@ import pytest
 
 from latentrt.export import onnx_export
 from latentrt.export.pipeline import export_pipeline
-from latentrt.runtime.manifest import load_manifest
+from latentrt.bundle.manifest import load_manifest
 from latentrt.runtime.pipeline import Pipeline
 
 
@@ -29,7 +29,7 @@ def test_real_model_over_2gb(tmp_path):
 
     from latentrt.models.sd3 import T5EncoderAdapter
     from latentrt.models.spec import ComponentExport, TensorTemplate
-    from latentrt.runtime.manifest import AxisRange
+    from latentrt.bundle.manifest import AxisRange
 
     config = T5Config(vocab_size=32128, d_model=1024, d_kv=64, d_ff=32768, num_layers=5, num_heads=16, feed_forward_proj="gated-gelu")
     torch.manual_seed(0)

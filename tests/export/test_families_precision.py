@@ -8,7 +8,7 @@ import pytest
 
 from latentrt.engines import BuildConfig, build_engines, is_available
 from latentrt.export.pipeline import HALF_TOLERANCE, ExportConfig, export_pipeline
-from latentrt.runtime.manifest import load_manifest
+from latentrt.bundle.manifest import load_manifest
 from latentrt.runtime.pipeline import Pipeline
 
 PRESETS = ["tiny-sd3", "tiny-flux", "tiny-pixart", "tiny-sd15", "tiny-sdxl"]

@@ -15,7 +15,7 @@ from latentrt.export.onnx_export import export_component, make_inputs, rel_l2, v
 from latentrt.export.precision import PrecisionReport, convert_precision, record_ranges, simulation_model
 from latentrt.models.sd3 import T5EncoderAdapter
 from latentrt.models.spec import ComponentExport, TensorTemplate
-from latentrt.runtime.manifest import AxisRange
+from latentrt.bundle.manifest import AxisRange
 
 FLOAT, FLOAT16, BFLOAT16 = 1, 10, 16
 WO = "/model/encoder/block.0/layer.1/DenseReluDense/wo/MatMul"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from latentrt.runtime.manifest import load_manifest
+from latentrt.bundle.manifest import load_manifest
 from latentrt.runtime.tokenizer import PromptTokenizer
 
 PROMPTS = ["", "a red cat", "A Large PURPLE mountain   in the snow, at night!", "zebra xylophone 123 éà"]

@@ -1,0 +1,283 @@
+"""The TensorRT backend: device-free planning and engine selection here; running engines on a GPU (marked gpu)."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+
+import numpy as np
+import pytest
+
+from latentrt.engines.cache import EngineSpec, write_engine
+from latentrt.engines.profiles import resolve_profiles
+from latentrt.errors import BundleError, InputError
+from latentrt.bundle.manifest import load_manifest
+from latentrt.runtime.backends.tensorrt.engine import (
+    BufferPlan,
+    check_feed_shapes,
+    load_engines,
+    numpy_dtype,
+    plan_buffers,
+    resolve_shape,
+    select_engine,
+    tensor_nbytes,
+)
+
+
+@pytest.fixture(scope="module")
+def manifest(tiny_sd3_bundle):
+    return load_manifest(tiny_sd3_bundle)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device-free
+# ---------------------------------------------------------------------------------------------
+
+
+def test_resolve_shape():
+    assert resolve_shape(("batch", 16, "h", "w"), {"batch": 2, "h": 8, "w": 6}) == (2, 16, 8, 6)
+    with pytest.raises(InputError, match="axis 'w' .* has no size"):
+        resolve_shape(("batch", "w"), {"batch": 2})
+
+
+def test_tensor_nbytes():
+    assert tensor_nbytes((2, 77), "int64") == 2 * 77 * 8
+    assert tensor_nbytes((4, 3, 8, 8), "float16") == 4 * 3 * 8 * 8 * 2
+    assert tensor_nbytes((0, 5), "float32") == 0
+    with pytest.raises(InputError, match="dtype 'complex64' has no known size"):
+        tensor_nbytes((1,), "complex64")
+    with pytest.raises(InputError, match="unresolved"):
+        tensor_nbytes((-1, 5), "float32")
+
+
+def test_plan_buffers_rounds_up_to_the_alignment():
+    plans = plan_buffers({"a": (3,), "b": (64,), "c": (65,), "d": (0,)}, {"a": "float32", "b": "float32", "c": "float32", "d": "int64"})
+    assert {n: p.nbytes for n, p in plans.items()} == {"a": 256, "b": 256, "c": 512, "d": 256}
+    assert plans["c"] == BufferPlan("c", "float32", (65,), 512)
+    with pytest.raises(InputError, match="no dtype"):
+        plan_buffers({"a": (1,)}, {})
+
+
+def test_plan_buffers_for_the_tiny_sd3_transformer_profile(manifest):
+    profile = resolve_profiles(manifest)["transformer"]  # max: batch 8, latent 96x96, context 589
+    comp = manifest.components["transformer"]
+    axes = {name: a.max for name, a in profile.axes.items()}
+    shapes = {s.name: resolve_shape(s.shape, axes) for s in comp.inputs}
+    shapes["sample"] = shapes["hidden_states"]  # what the engine reports for the output at max inputs
+    plans = plan_buffers(shapes, {s.name: s.dtype for s in (*comp.inputs, *comp.outputs)})
+    assert shapes == {**profile.max_shapes(), "sample": (8, 16, 96, 96)}
+    assert plans["hidden_states"].nbytes == 8 * 16 * 96 * 96 * 4
+    assert plans["encoder_hidden_states"].nbytes == 8 * 589 * 96 * 4
+    assert plans["pooled_projections"].nbytes == 2560  # 8 * 80 * 4
+    assert plans["timestep"].nbytes == 256  # 32 bytes, rounded up
+    assert plans["sample"].nbytes == plans["hidden_states"].nbytes
+
+
+def test_check_feed_shapes():
+    profile = {"x": ((1, 16, 4, 4), (2, 16, 16, 16), (4, 16, 32, 32)), "t": ((1,), (2,), (4,))}
+    check_feed_shapes({"x": (3, 16, 8, 32), "t": (3,)}, profile)
+    with pytest.raises(InputError, match="missing input 't'"):
+        check_feed_shapes({"x": (3, 16, 8, 32)}, profile)
+    with pytest.raises(InputError, match="expected rank 4"):
+        check_feed_shapes({"x": (3, 16, 8), "t": (3,)}, profile)
+    with pytest.raises(InputError) as err:
+        check_feed_shapes({"x": (3, 16, 64, 32), "t": (3,)}, profile)
+    assert "dimension 2 is 64, outside the engine's profile 4..32" in str(err.value) and "latentrt build" in str(err.value)
+
+
+def test_numpy_dtype():
+    assert numpy_dtype("float32") == np.float32 and numpy_dtype("int64") == np.int64 and numpy_dtype("bool") == np.bool_
+    if importlib.util.find_spec("ml_dtypes"):
+        assert numpy_dtype("bfloat16").itemsize == 2
+    with pytest.raises(InputError):
+        numpy_dtype("float4_e2m1fn_x")
+
+
+def _fake_engine(bundle, manifest, component, *, ccs=(), created="2026-01-01T00:00:00+00:00", sha=None, opt_level=3):
+    spec = EngineSpec(
+        component=component,
+        onnx_sha256=sha or manifest.components[component].sha256,
+        library="tensorrt-rtx",
+        library_version="1.7.1.116",
+        compute_capabilities=tuple(ccs),
+        profile={},
+        flags={"opt_level": opt_level},
+    )
+    return write_engine(bundle, spec, b"x" * 16, build_seconds=0.1, created=created)
+
+
+def test_select_engine_picks_the_newest_current_one(manifest, tmp_path):
+    old = _fake_engine(tmp_path, manifest, "vae_decoder", created="2026-01-01T00:00:00+00:00", opt_level=0)
+    new = _fake_engine(tmp_path, manifest, "vae_decoder", created="2026-01-02T00:00:00+00:00", opt_level=1)
+    _fake_engine(tmp_path, manifest, "vae_decoder", created="2026-01-03T00:00:00+00:00", sha="00" * 32)  # stale ONNX
+    assert select_engine(tmp_path, manifest, "vae_decoder") == new
+    assert old != new
+
+
+def test_select_engine_prefers_the_gpu_compute_capability(manifest, tmp_path):
+    for_86 = _fake_engine(tmp_path, manifest, "vae_decoder", ccs=("8.6",), created="2026-01-01T00:00:00+00:00")
+    for_89 = _fake_engine(tmp_path, manifest, "vae_decoder", ccs=("8.9",), created="2026-01-02T00:00:00+00:00")
+    assert select_engine(tmp_path, manifest, "vae_decoder", compute_capability="8.6") == for_86
+    assert select_engine(tmp_path, manifest, "vae_decoder", compute_capability="8.9") == for_89
+    portable = _fake_engine(tmp_path, manifest, "vae_decoder", ccs=(), created="2026-01-03T00:00:00+00:00")
+    assert select_engine(tmp_path, manifest, "vae_decoder", compute_capability="8.6") == portable
+
+
+def test_missing_engines_are_reported_before_any_cuda_call(manifest, tmp_path):
+    with pytest.raises(BundleError, match="no TensorRT engine for component 'text_encoder'.*latentrt build"):
+        load_engines(tmp_path, manifest)
+    _fake_engine(tmp_path, manifest, "text_encoder")
+    with pytest.raises(BundleError, match="component 'text_encoder_2'"):
+        load_engines(tmp_path, manifest)
+
+
+def test_engine_needs_its_library(tmp_path):
+    if importlib.util.find_spec("tensorrt"):
+        pytest.skip("NVIDIA TensorRT is installed here")
+    from latentrt.runtime.backends.tensorrt.engine import TensorRTEngine
+
+    with pytest.raises(InputError, match="pip install tensorrt cuda-python"):
+        TensorRTEngine(tmp_path / "x.engine", (), (), target="tensorrt")
+
+
+# ---------------------------------------------------------------------------------------------
+# On a GPU
+# ---------------------------------------------------------------------------------------------
+
+
+def _gpu_or_skip():
+    try:
+        from latentrt.engines.library import load_cudart
+
+        cudart = load_cudart()
+    except InputError:
+        pytest.skip("cuda-python is not installed: pip install cuda-python")
+    err, count = cudart.cudaGetDeviceCount()
+    if int(err) != 0 or count < 1:
+        pytest.skip("no CUDA GPU is visible")
+    return cudart
+
+
+@pytest.fixture(scope="session")
+def gpu_target():
+    """(target, compute capabilities) that can build and run engines here, or a skip; set up before the bundle export."""
+    _gpu_or_skip()
+    return _build_target_or_skip()
+
+
+def _build_target_or_skip():
+    """A library that can build and run engines on this GPU: NVIDIA TensorRT, or TensorRT-RTX on a GPU it supports."""
+    from latentrt.engines.library import current_compute_capability, is_available, load_library
+
+    if is_available("tensorrt"):
+        return "tensorrt", ()
+    if is_available("tensorrt-rtx"):
+        cc = current_compute_capability()
+        if cc in load_library("tensorrt-rtx").compute_capability_names():
+            return "tensorrt-rtx", (cc,)
+        pytest.skip(f"TensorRT-RTX cannot target this GPU (compute capability {cc}) and NVIDIA TensorRT is not installed")
+    pytest.skip("neither NVIDIA TensorRT nor TensorRT-RTX is installed")
+
+
+@pytest.mark.gpu
+def test_device_buffers_round_trip():
+    _gpu_or_skip()
+    from latentrt.runtime.backends.tensorrt.engine import DeviceBuffers
+
+    data = np.random.default_rng(0).standard_normal((3, 5, 7)).astype(np.float32)
+    ids = np.arange(2 * 77, dtype=np.int64).reshape(2, 77)
+    plans = plan_buffers({"x": (4, 5, 7), "y": (4, 5, 7), "ids": (8, 77)}, {"x": "float32", "y": "float32", "ids": "int64"})
+    with DeviceBuffers(plans) as buffers:
+        assert buffers.address("x") % 256 == 0 and buffers.address("x") != buffers.address("ids")
+        buffers.upload("x", data)
+        buffers.upload("ids", ids)
+        out_x = buffers.download("x", data.shape, np.float32)
+        out_ids = buffers.download("ids", ids.shape, np.int64)
+        buffers.synchronize()
+        np.testing.assert_array_equal(out_x, data)
+        np.testing.assert_array_equal(out_ids, ids)
+        buffers.copy_within("y", "x", data.nbytes)
+        out_y = buffers.download("y", data.shape, np.float32)
+        buffers.synchronize()
+        np.testing.assert_array_equal(out_y, data)
+        with pytest.raises(InputError, match="do not fit its buffer"):
+            buffers.upload("x", np.zeros((8, 5, 7), np.float32))  # 1120 bytes > 768 planned
+
+
+@pytest.mark.gpu
+def test_engines_match_onnxruntime(gpu_target, tiny_sd3_bundle, tmp_path):
+    target, ccs = gpu_target
+    from latentrt.engines import BuildConfig, build_engines
+    from latentrt.runtime.backends.onnxruntime.engine import OnnxRuntimeEngine
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_sd3_bundle, bundle, ignore=shutil.ignore_patterns("engines"))
+    manifest = load_manifest(bundle)
+    build_engines(bundle, BuildConfig(target=target, compute_capabilities=ccs, batch=(1, 1, 2)))
+    engines = load_engines(bundle, manifest)
+    rng = np.random.default_rng(0)
+    feeds = {
+        "text_encoder": {"input_ids": rng.integers(0, 1000, (2, 77), dtype=np.int64)},
+        "text_encoder_3": {"input_ids": rng.integers(0, 1000, (2, 40), dtype=np.int64)},
+        "transformer": {
+            "hidden_states": rng.standard_normal((2, 16, 12, 8), dtype=np.float32),
+            "encoder_hidden_states": rng.standard_normal((2, 77 + 40, 96), dtype=np.float32),
+            "pooled_projections": rng.standard_normal((2, 80), dtype=np.float32),
+            "timestep": np.array([500.0, 20.0], np.float32),
+        },
+        "vae_decoder": {"latent_sample": rng.standard_normal((1, 16, 12, 8), dtype=np.float32)},
+    }
+    try:
+        for name, feed in feeds.items():
+            comp = manifest.components[name]
+            reference = OnnxRuntimeEngine(bundle / comp.file, comp.inputs, comp.outputs)(feed)
+            got = engines[name](feed)
+            for out, ref in reference.items():
+                assert got[out].shape == ref.shape, (name, out)
+                rel = np.linalg.norm(got[out] - ref) / np.linalg.norm(ref)
+                assert rel < 5e-3, (name, out, rel)  # TF32 matmuls may be on for fp32 networks
+    finally:
+        for engine in engines.values():
+            engine.close()
+
+
+@pytest.mark.gpu
+def test_pipeline_on_tensorrt_matches_onnxruntime(gpu_target, tiny_sd3_bundle, tmp_path):
+    target, ccs = gpu_target
+    from latentrt.engines import BuildConfig, build_engines
+    from latentrt.runtime.pipeline import Pipeline
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_sd3_bundle, bundle, ignore=shutil.ignore_patterns("engines"))
+    build_engines(bundle, BuildConfig(target=target, compute_capabilities=ccs, batch=(1, 1, 1)))
+    kwargs = dict(prompt="a red circle", num_inference_steps=2, guidance_scale=4.0, height=64, width=64, seed=0)
+    reference = Pipeline.load(bundle, "onnxruntime")(**kwargs).pixels
+    pixels = Pipeline.load(bundle, "tensorrt")(**kwargs).pixels
+    assert pixels.shape == reference.shape
+    assert np.abs(pixels - reference).max() < 2e-2
+
+
+@pytest.mark.gpu
+def test_device_loop_matches_the_host_loop(gpu_target, tiny_sd3_bundle, tmp_path):
+    """Every step on the GPU (step engine; a CUDA graph from step 2, or its fallback when the library
+    cannot capture) gives the numpy loop's image."""
+    target, ccs = gpu_target
+    from latentrt.engines import BuildConfig, build_engines
+    from latentrt.runtime.pipeline import Pipeline
+    from latentrt.runtime.backends.tensorrt.loop import DeviceDenoiser
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_sd3_bundle, bundle, ignore=shutil.ignore_patterns("engines"))
+    build_engines(bundle, BuildConfig(target=target, compute_capabilities=ccs, batch=(1, 1, 2)))
+    kwargs = dict(prompt=["a red circle", "a blue square"], num_inference_steps=4, guidance_scale=4.0, height=64, width=64, seed=0)
+    pipe = Pipeline.load(bundle, "tensorrt")
+    pipe(**kwargs)
+    assert isinstance(pipe._device_denoiser, DeviceDenoiser)
+    pipe._device_denoiser.graphs = True
+    on_device = pipe(**kwargs).pixels
+    pipe._device_denoiser.graphs = False
+    without_graph = pipe(**kwargs).pixels
+    pipe._device_denoiser = False  # the numpy loop, same engines
+    on_host = pipe(**kwargs).pixels
+    np.testing.assert_allclose(on_device, on_host, atol=1e-4)
+    np.testing.assert_allclose(without_graph, on_host, atol=1e-4)
