@@ -12,6 +12,7 @@ import numpy as np
 from latentrt.errors import BundleError, InputError
 from latentrt.bundle.manifest import Manifest, TensorSpec
 from latentrt.runtime.engine import BackendOptions
+from latentrt.runtime.backends.cpu import cpu_info
 from latentrt.runtime.backends.onnxruntime.fusions import rewritten_for_onnx_runtime
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
@@ -70,9 +71,14 @@ class OnnxRuntimeEngine:
         if cpu:
             _shared_cpu_arena()
             options.add_session_config_entry("session.use_env_allocators", "1")
+        # Without VNNI, ONNX Runtime's x86 int8 GEMMs saturate (runtime/backends/cpu.py): Q/DQ graphs
+        # then run as written (dequantize, float GEMM), exact but slower.
+        int8_kernels = not cpu or cpu_info().int8_dot
+        if not int8_kernels:
+            options.add_session_config_entry("session.disable_quant_qdq", "1")
         # ONNX Runtime may map the copy's data file: on Linux it can go at once, elsewhere it may have to wait.
         with tempfile.TemporaryDirectory(prefix="latentrt-", ignore_cleanup_errors=True) as scratch:
-            rewritten = rewritten_for_onnx_runtime(path, scratch) if cpu else None
+            rewritten = rewritten_for_onnx_runtime(path, scratch, int8_kernels=int8_kernels) if cpu else None
             try:
                 self._session = ort.InferenceSession(str(rewritten or path), options, providers=list(providers))
             except Exception as err:  # onnxruntime raises its own exception types

@@ -357,16 +357,19 @@ def _replace(model, replacements: dict[int, list], removed: set[int] = frozenset
     return len(replacements)
 
 
-def rewritten_for_onnx_runtime(path: str | os.PathLike, scratch: str | os.PathLike) -> Path | None:
+def rewritten_for_onnx_runtime(path: str | os.PathLike, scratch: str | os.PathLike, *, int8_kernels: bool = True) -> Path | None:
     """A copy of the model at `path` with the rewrites above applied, written into `scratch`; None
-    when nothing matched or the model keeps its weights in external data."""
+    when nothing matched or the model keeps its weights in external data. `int8_kernels=False`
+    leaves int8 linears as Q/DQ (for CPUs whose int8 GEMM saturates)."""
     import onnx
 
     path = Path(path)
     if path.stat().st_size > MAX_INLINE_BYTES or (path.parent / (path.name + ".data")).exists():
         return None
     model = onnx.load(str(path))
-    attention, int8, modulations = fuse_attention(model), fuse_int8_matmuls(model), fuse_modulations(model)
+    attention = fuse_attention(model)
+    int8 = fuse_int8_matmuls(model) if int8_kernels else 0
+    modulations = fuse_modulations(model)
     if not attention and not int8 and not modulations:
         return None
     out = Path(tempfile.mkstemp(suffix=".onnx", dir=scratch)[1])
