@@ -120,7 +120,8 @@ def test_select_engine_prefers_the_gpu_compute_capability(manifest, tmp_path):
     assert select_engine(tmp_path, manifest, "vae_decoder", compute_capability="8.6") == for_86
     assert select_engine(tmp_path, manifest, "vae_decoder", compute_capability="8.9") == for_89
     portable = _fake_engine(tmp_path, manifest, "vae_decoder", ccs=(), created="2026-01-03T00:00:00+00:00")
-    assert select_engine(tmp_path, manifest, "vae_decoder", compute_capability="8.6") == portable
+    assert select_engine(tmp_path, manifest, "vae_decoder", compute_capability="8.6") == for_86  # built for this GPU: first
+    assert select_engine(tmp_path, manifest, "vae_decoder", compute_capability="12.0") == portable  # RTX's default targets
 
 
 def test_missing_engines_are_reported_before_any_cuda_call(manifest, tmp_path):
