@@ -282,3 +282,77 @@ def test_device_loop_matches_the_host_loop(gpu_target, tiny_sd3_bundle, tmp_path
     on_host = pipe(**kwargs).pixels
     np.testing.assert_allclose(on_device, on_host, atol=1e-4)
     np.testing.assert_allclose(without_graph, on_host, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the pipeline takes from the engines: chunking by their profiles, close(), the bench wrapper
+# ---------------------------------------------------------------------------------------------
+
+
+class _Limited:
+    """A real ONNX Runtime engine that takes at most `max_batch` rows, as an engine built with a
+    narrower profile than the manifest's range (e.g. `latentrt build --batch 1:1:2`)."""
+
+    def __init__(self, engine, max_batch, calls):
+        self.engine, self.max_batch, self.calls = engine, max_batch, calls
+        self.inputs, self.outputs = engine.inputs, engine.outputs
+        self.closed = False
+
+    def __call__(self, feeds):
+        rows = next(iter(feeds.values())).shape[0]
+        if rows > self.max_batch:
+            raise InputError(f"batch {rows} is outside the engine's profile (max {self.max_batch})")
+        self.calls.append(rows)
+        return self.engine(feeds)
+
+    def close(self):
+        self.closed = True
+        self.engine.close()
+
+
+def test_chunking_follows_the_engines_profiles(tiny_sd3_bundle):
+    """Engines built with --batch 1:1:2 (text encoders and denoiser 4 rows with guidance, VAE 2): a
+    3-image call runs as 2 + 1 images, each image as it would alone."""
+    from latentrt.runtime.pipeline import Pipeline
+
+    plain = Pipeline.load(tiny_sd3_bundle, "onnxruntime")
+    calls = {}
+    limits = {name: (2 if name == "vae_decoder" else 4) for name in plain.manifest.components}
+    limited = Pipeline(plain.bundle, plain.manifest, {n: _Limited(e, limits[n], calls.setdefault(n, [])) for n, e in plain.engines.items()})
+    kwargs = dict(prompt=["a", "b", "c"], num_inference_steps=2, guidance_scale=4.0, height=64, width=64, seed=3)
+    assert limited._images_per_call(cfg=True) == 2 and plain._images_per_call(cfg=True) == 4
+    pixels = limited(**kwargs).pixels
+    assert calls["vae_decoder"] == [2, 1] and set(calls["transformer"]) == {4, 2}
+    reference = Pipeline.load(tiny_sd3_bundle, "onnxruntime")(**kwargs).pixels
+    np.testing.assert_allclose(pixels, reference, atol=1e-5)
+    with limited:
+        pass
+    assert all(e.closed for e in limited.engines.values())
+
+
+def test_pipeline_close_releases_the_engines(tiny_sd3_bundle):
+    from latentrt.runtime.pipeline import Pipeline
+
+    with Pipeline.load(tiny_sd3_bundle, "onnxruntime") as pipe:
+        pipe("a red circle", num_inference_steps=1, height=64, width=64, seed=0)
+    assert all(engine._session is None for engine in pipe.engines.values())
+
+
+def test_bench_wrapper_forwards_the_device_loop(tiny_sd3_bundle):
+    """`latentrt bench` wraps engines to record shapes; the pipeline must still see the denoiser's
+    device loop (TensorRT times the device loop and its CUDA graph, not a numpy host loop)."""
+    from latentrt.bench.worker import _Recorder
+    from latentrt.runtime.pipeline import Pipeline
+
+    class WithLoop(_Limited):
+        def device_loop(self, latent_input, velocity_output):
+            return ("device loop", latent_input, velocity_output)
+
+    plain = Pipeline.load(tiny_sd3_bundle, "onnxruntime")
+    engines = {n: _Recorder(WithLoop(e, 8, []), {}) for n, e in plain.engines.items()}
+    pipe = Pipeline(plain.bundle, plain.manifest, engines)
+    schedule = pipe.family.schedule(2, 8, 8)
+    latents = np.zeros((1, 16, 8, 8), np.float32)
+    loop = pipe._device_loop(schedule, latents, lambda x, t: pipe.family.denoiser_feeds(x, t, {}, 1.0))
+    assert loop == ("device loop", "hidden_states", "sample")
+    assert engines["transformer"].max_batch == 8
