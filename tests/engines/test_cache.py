@@ -239,3 +239,14 @@ def test_engine_files_get_the_bundles_permissions(tmp_path):
     }
     assert oct(engine.parent.stat().st_mode & 0o777) == "0o750"
     assert record.engine_file == f"engines/{engine.name}"
+
+
+def test_runtime_cache_lives_next_to_its_engine_per_gpu_kind(tmp_path):
+    from latentrt.engines.cache import runtime_cache_path
+
+    record = write_engine(tmp_path, make_spec(), b"engine", build_seconds=0.1)
+    path = runtime_cache_path(tmp_path, record, "8.9")
+    assert path == tmp_path / "engines" / f"{make_spec().file_stem}.sm89.runtime-cache"
+    assert runtime_cache_path(tmp_path, record, "12.0").name.endswith(".sm120.runtime-cache")
+    path.write_bytes(b"cache")  # not metadata: the engine list ignores it
+    assert [r.key for r in read_records(tmp_path)] == [record.key]
