@@ -31,11 +31,16 @@ def _peak_rss_mb() -> float:
 
 
 class _Recorder:
-    """Wraps an engine (same contract) to record the input shapes it was called with."""
+    """Wraps an engine (same contract) to record the input shapes it was called with. Everything else
+    (the optional `device_loop`, `max_batch`, `close`) is the engine's own, so the pipeline runs the
+    same path as without the wrapper (TensorRT: the device loop and its CUDA graph)."""
 
     def __init__(self, engine, shapes: dict) -> None:
         self.engine, self.shapes = engine, shapes
         self.inputs, self.outputs = engine.inputs, engine.outputs
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["engine"], name)
 
     def __call__(self, feeds):
         self.shapes.setdefault("calls", 0)

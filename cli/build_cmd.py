@@ -9,7 +9,14 @@ from latentrt.cli.format import echo_table
 
 @click.command("build")
 @click.argument("bundle", type=click.Path())
-@click.option("--target", type=click.Choice(["tensorrt", "tensorrt-rtx"]), default="tensorrt-rtx", show_default=True)
+@click.option(
+    "--target",
+    type=click.Choice(["auto", "tensorrt", "tensorrt-rtx"]),
+    default="auto",
+    show_default=True,
+    help="auto: what runs on this machine's GPU (NVIDIA TensorRT if installed, else TensorRT-RTX for this GPU); "
+    "without a GPU, TensorRT-RTX ahead of time.",
+)
 @click.option("--batch", default=None, help="Images per call, MIN:OPT:MAX or N (default: the manifest's ranges).")
 @click.option("--size", default=None, help="Image size in pixels, MINxMIN:OPTxOPT:MAXxMAX.")
 @click.option("--static", "static", default=None, help="One static image size HxW (instead of --size).")
@@ -20,8 +27,15 @@ from latentrt.cli.format import echo_table
 @click.option("--timing-cache", type=click.Path(), default=None, help="Timing cache file to reuse (NVIDIA TensorRT).")
 @click.option("--components", default=None, help="Comma-separated components to build (default: all).")
 @click.option("--compute-capability", "ccs", multiple=True, help="TensorRT-RTX target, e.g. 8.6 (repeatable).")
+@click.option(
+    "--weights",
+    type=click.Choice(["embedded", "refittable", "stripped"]),
+    default="embedded",
+    show_default=True,
+    help="refittable: new weights (LoRA) without a rebuild; stripped: no weights in the engine, refitted from the bundle at load.",
+)
 @click.option("--rebuild", is_flag=True, help="Build even when a current engine exists.")
-def command(bundle, target, batch, size, static, text_len, no_cfg, opt_level, workspace_mb, timing_cache, components, ccs, rebuild) -> None:
+def command(bundle, target, batch, size, static, text_len, no_cfg, opt_level, workspace_mb, timing_cache, components, ccs, weights, rebuild) -> None:
     """Build engines for BUNDLE's components, skipping those already built with the same inputs and settings.
 
     Precision comes from the ONNX (strongly typed networks). Profiles come from the manifest's
@@ -30,6 +44,7 @@ def command(bundle, target, batch, size, static, text_len, no_cfg, opt_level, wo
     from tqdm import tqdm
 
     from latentrt.engines import BuildConfig, build_engines, parse_batch, parse_image_size, parse_text_length
+    from latentrt.engines.memory import EngineMemory, format_bytes, pipeline_memory
     from latentrt.errors import InputError
 
     if size and static:
@@ -46,6 +61,7 @@ def command(bundle, target, batch, size, static, text_len, no_cfg, opt_level, wo
         timing_cache=timing_cache,
         components=tuple(c.strip() for c in components.split(",")) if components else (),
         reuse="rebuild" if rebuild else "cache",
+        weights=weights,
     )
     bar = tqdm(desc="building", unit="step", leave=False)
 
@@ -59,10 +75,22 @@ def command(bundle, target, batch, size, static, text_len, no_cfg, opt_level, wo
         results = build_engines(bundle, config, progress=progress)
     finally:
         bar.close()
+    memory = {r.component: EngineMemory(r.record.memory.get("weights"), r.record.memory.get("activations"), r.record.memory.get("io")) for r in results}
     echo_table(
-        ("component", "status", "build s", "engine MiB", "file"),
+        ("component", "status", "build s", "engine", "weights", "activations", "I/O at max", "file"),
         [
-            (r.component, r.status, f"{r.record.build_seconds:.1f}", f"{r.record.engine_bytes / 2**20:.1f}", r.engine.name)
+            (
+                r.component, r.status, f"{r.record.build_seconds:.1f}", format_bytes(r.record.engine_bytes),
+                format_bytes(memory[r.component].weights), format_bytes(memory[r.component].activations),
+                format_bytes(memory[r.component].io), r.engine.name,
+            )
             for r in results
         ],
+    )
+    need = pipeline_memory(memory)
+    target_name = results[0].record.spec.library if results else target
+    click.echo(
+        f"\nGPU memory at the profiles' max ({target_name}, as the builder reported): {format_bytes(need.total)} = weights "
+        f"{format_bytes(need.weights)} + one shared activation buffer {format_bytes(need.activations)} + I/O {format_bytes(need.io)}"
+        + (f" (not known for {', '.join(need.unknown)})" if need.unknown else "")
     )

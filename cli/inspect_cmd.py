@@ -45,22 +45,44 @@ def command(bundle: str) -> None:
     echo_table(("tokenizer", "file", "max length", "pad id"), [(n, t.file, t.max_length, t.pad_id) for n, t in m.tokenizers.items()])
 
     from latentrt.engines import inspect_engines
+    from latentrt.engines.memory import EngineMemory, format_bytes, pipeline_memory
 
     statuses = inspect_engines(bundle)
     click.echo("")
     if not statuses:
         click.echo("engines:   none built (latentrt build BUNDLE)")
         return
+
+    def memory(record) -> EngineMemory:
+        m = record.memory if record else {}
+        return EngineMemory(m.get("weights"), m.get("activations"), m.get("io"))
+
     echo_table(
-        ("engine", "status", "target", "compute capability", "why"),
+        ("engine", "status", "target", "compute capability", "weights", "activations", "I/O at max", "why"),
         [
             (
                 s.path.name,
                 s.status,
-                s.record.spec.library if s.record else "",
-                ",".join(s.record.spec.compute_capabilities) if s.record else "",
+                f"{s.record.spec.library} {s.record.spec.library_version}" if s.record else "",
+                ",".join(s.record.spec.compute_capabilities) or "default" if s.record else "",
+                format_bytes(memory(s.record).weights),
+                format_bytes(memory(s.record).activations),
+                format_bytes(memory(s.record).io),
                 "; ".join(s.reasons),
             )
             for s in statuses
         ],
     )
+    # What a pipeline loading the newest current engine of each component needs on the GPU.
+    newest = {}
+    for s in statuses:
+        if s.status == "current" and (s.component not in newest or s.record.created >= newest[s.component].created):
+            newest[s.component] = s.record
+    if newest:
+        need = pipeline_memory({name: memory(r) for name, r in newest.items()})
+        click.echo(
+            f"\nGPU memory at the profiles' max (newest current engines, as the builder reported): {format_bytes(need.total)} = "
+            f"weights {format_bytes(need.weights)} + one shared activation buffer {format_bytes(need.activations)} "
+            f"({format_bytes(need.activations_if_not_shared)} if each engine had its own) + I/O {format_bytes(need.io)}"
+            + (f"; not known for {', '.join(need.unknown)} (built before latentrt recorded it)" if need.unknown else "")
+        )

@@ -8,10 +8,19 @@
 3. parse the ONNX file with TensorRT's OnnxParser (`parse_from_file`, so external data works) into a
    strongly typed network, and check its inputs and outputs against the manifest;
 4. configure the builder (optimization level, workspace limit, target compute capabilities,
-   timing cache, progress monitor), set the profile and `build_serialized_network`;
-5. write the engine and its metadata into `BUNDLE/engines/` atomically.
+   timing cache, progress monitor, refit / weight stripping), set the profile and
+   `build_serialized_network`;
+5. write the engine and its metadata into `BUNDLE/engines/` atomically, with the memory totals the
+   builder logged (activations, weights) and, for refittable engines, the weights a refit may set.
 
-TensorRT-RTX builds ahead of time without a GPU; NVIDIA TensorRT needs the GPU it builds for.
+TensorRT-RTX builds ahead of time without a GPU; NVIDIA TensorRT needs the GPU it builds for. The
+default target, "auto", is what can run on this machine's GPU (`library.resolve_target`).
+
+Weights (`BuildConfig.weights`): "embedded" (default) bakes them into the plan; "refittable"
+(BuilderFlag.REFIT) keeps them in the plan and lets `TensorRTEngine.refit` replace them later (LoRA)
+without a rebuild; "stripped" (REFIT + STRIP_PLAN) leaves them out of the plan, which is then
+refitted from the bundle's ONNX at load. TensorRT-RTX 1.7 compiles refittable engines with the CUDA
+driver: on a machine without one the build fails (the error says so).
 
 Example:
     >>> config = BuildConfig(target="tensorrt-rtx", compute_capabilities=("8.9",), batch=(1, 1, 2))  # doctest: +SKIP
@@ -24,8 +33,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+
+import numpy as np
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -40,7 +51,11 @@ from latentrt.engines.library import (
     load_library,
     make_logger,
     parse_compute_capability,
+    resolve_target,
+    rtx_can_target,
+    visible_compute_capability,
 )
+from latentrt.engines.memory import io_bytes_at_max, parse_builder_memory
 from latentrt.engines.profiles import ComponentProfile, Guidance, ShapeRequest, Size, Triple, resolve_profiles
 from latentrt.errors import BuildError, InputError
 from latentrt.bundle.manifest import Component, Manifest, load_manifest
@@ -48,6 +63,8 @@ from latentrt.bundle.manifest import Component, Manifest, load_manifest
 log = logging.getLogger(__name__)
 
 Reuse = Literal["cache", "rebuild"]
+Weights = Literal["embedded", "refittable", "stripped"]
+WEIGHTS: tuple[str, ...] = ("embedded", "refittable", "stripped")
 
 
 @dataclass(frozen=True)
@@ -55,10 +72,13 @@ class BuildConfig:
     """How to build a bundle's engines. Round-trips through JSON (`to_dict` / `from_dict`).
 
     Args:
-        target: "tensorrt-rtx" (ahead of time, no GPU needed) or "tensorrt" (NVIDIA TensorRT 10/11,
+        target: "auto" (default: NVIDIA TensorRT when installed and a GPU is here, TensorRT-RTX for
+            the GPU here when it targets it, TensorRT-RTX's portable default without a GPU),
+            "tensorrt-rtx" (ahead of time, no GPU needed) or "tensorrt" (NVIDIA TensorRT 10/11,
             builds for the GPU in this machine).
-        compute_capabilities: TensorRT-RTX targets, e.g. ("8.6", "8.9"); empty: the library's
-            default (portable across 8.0, 8.6, 8.9 and 12.0). Must be empty for "tensorrt".
+        compute_capabilities: TensorRT-RTX targets, e.g. ("8.6", "8.9"); empty: the GPU here with
+            target "auto", else the library's default (portable across 8.0, 8.6, 8.9 and 12.0).
+            Must be empty for "tensorrt".
         batch: images per call (min, opt, max); None keeps the manifest's batch ranges. With
             guidance="cfg" the text encoders and denoiser get (min, 2*opt, 2*max).
         image_size: ((h, w) min, (h, w) opt, (h, w) max) in pixels; None keeps the manifest's.
@@ -70,9 +90,10 @@ class BuildConfig:
             TensorRT; TensorRT-RTX ignores timing caches).
         components: build only these components; empty builds all.
         reuse: "cache" skips engines whose key matches; "rebuild" always builds.
+        weights: "embedded", "refittable" or "stripped" (see the module docstring).
     """
 
-    target: Target = "tensorrt-rtx"
+    target: Target | Literal["auto"] = "auto"
     compute_capabilities: tuple[str, ...] = ()
     batch: Triple | None = None
     image_size: tuple[Size, Size, Size] | None = None
@@ -83,10 +104,13 @@ class BuildConfig:
     timing_cache: str | None = None
     components: tuple[str, ...] = ()
     reuse: Reuse = "cache"
+    weights: Weights = "embedded"
 
     def __post_init__(self) -> None:
-        if self.target not in TARGETS:
-            raise InputError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")
+        if self.target not in (*TARGETS, "auto"):
+            raise InputError(f"unknown target {self.target!r}; choose auto, {', '.join(TARGETS)}")
+        if self.weights not in WEIGHTS:
+            raise InputError(f"weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
         ccs = (self.compute_capabilities,) if isinstance(self.compute_capabilities, str) else self.compute_capabilities
         for cc in ccs:
             parse_compute_capability(cc)
@@ -123,6 +147,7 @@ class BuildConfig:
             "timing_cache": self.timing_cache,
             "components": list(self.components),
             "reuse": self.reuse,
+            "weights": self.weights,
         }
 
     @classmethod
@@ -192,6 +217,8 @@ class SerializedEngine:
     parse_seconds: float
     build_seconds: float
     warnings: tuple[str, ...] = ()
+    memory: dict[str, int] = field(default_factory=dict)  # the builder's totals: activations, weights, ...
+    refit_weights: tuple[dict[str, Any], ...] = ()  # refittable engines: the weights a refit may set
 
 
 @dataclass(frozen=True)
@@ -245,8 +272,8 @@ def plan_engines(
     """
     manifest = manifest or load_manifest(bundle)
     profiles = resolve_profiles(manifest, config.shape_request(), config.components)
-    library = library or load_library(config.target)
-    ccs = _target_compute_capabilities(library, config)
+    library, ccs = _resolve_library(config, library)
+    _check_weights_mode(library, config.weights)
     planned = []
     for name, profile in profiles.items():
         comp = manifest.components[name]
@@ -257,10 +284,40 @@ def plan_engines(
             library_version=library.version,
             compute_capabilities=ccs,
             profile=profile.to_dict(),
-            flags=_key_flags(Path(bundle), config, comp),
+            flags=_key_flags(Path(bundle), config, comp, library),
         )
         planned.append(PlannedEngine(name, profile, spec))
     return planned
+
+
+def _resolve_library(config: BuildConfig, library: TensorRTLibrary | None) -> tuple[TensorRTLibrary, tuple[str, ...]]:
+    """The library to build with and the compute capabilities to target, for `config` on this machine."""
+    if library is not None:
+        return library, _target_compute_capabilities(library, config)
+    gpu = visible_compute_capability() if config.target != "tensorrt" else None
+    target, why = resolve_target(config.target, gpu)
+    library = load_library(target)
+    if config.target == "auto":
+        log.info("build target: %s (%s)", target, why)
+        if target == "tensorrt-rtx" and gpu is not None and not config.compute_capabilities:
+            return library, (gpu,)  # the GPU here, not RTX's portable default
+    ccs = _target_compute_capabilities(library, config)
+    if target == "tensorrt-rtx" and gpu is not None and ccs and gpu not in ccs:
+        log.warning("the engines target compute capability %s; they will not run on this GPU (%s)", ", ".join(ccs), gpu)
+    elif target == "tensorrt-rtx" and gpu is not None and not ccs and not rtx_can_target(gpu):
+        log.warning("TensorRT-RTX's default targets do not include this GPU (compute capability %s): these engines will not run here", gpu)
+    return library, ccs
+
+
+def _check_weights_mode(library: TensorRTLibrary, weights: str) -> None:
+    flags = library.module.BuilderFlag
+    if weights != "embedded" and not hasattr(flags, "REFIT"):
+        raise InputError(f"{library.module_name} {library.version} cannot build refittable engines; build with weights='embedded'")
+    if weights == "stripped" and not hasattr(flags, "STRIP_PLAN"):
+        raise InputError(
+            f"{library.module_name} {library.version} cannot build weight-stripped engines (no STRIP_PLAN); "
+            "build with weights='refittable' or 'embedded'"
+        )
 
 
 def _target_compute_capabilities(library: TensorRTLibrary, config: BuildConfig) -> tuple[str, ...]:
@@ -274,7 +331,7 @@ def _target_compute_capabilities(library: TensorRTLibrary, config: BuildConfig) 
     return (current_compute_capability(),)
 
 
-def _key_flags(bundle: Path, config: BuildConfig, comp: Component) -> dict[str, Any]:
+def _key_flags(bundle: Path, config: BuildConfig, comp: Component, library: TensorRTLibrary) -> dict[str, Any]:
     # The manifest's sha256 covers the .onnx file only; external weights enter the key by size.
     external = {name: (bundle / name).stat().st_size if (bundle / name).is_file() else None for name in sorted(comp.external_data)}
     return {
@@ -283,6 +340,8 @@ def _key_flags(bundle: Path, config: BuildConfig, comp: Component) -> dict[str, 
         "strongly_typed": True,
         "precision": comp.precision,
         "external_data": external,
+        "weights": config.weights,
+        "user_allocation": library.supports_user_allocation,
     }
 
 
@@ -316,7 +375,7 @@ def build_engines(
     config = config or BuildConfig()
     bundle = Path(bundle)
     manifest = load_manifest(bundle)
-    library = load_library(config.target)
+    library, _ = _resolve_library(config, None)
     planned = plan_engines(bundle, config, manifest=manifest, library=library)
     timing_cache = Path(config.timing_cache) if config.timing_cache else None
     if timing_cache is not None and not library.supports_timing_cache:
@@ -346,17 +405,22 @@ def build_engines(
                 workspace=config.workspace,
                 timing_cache=timing_cache,
                 progress=progress,
+                weights=config.weights,
             )
+            inputs, outputs = [_spec_dict(s) for s in comp.inputs], [_spec_dict(s) for s in comp.outputs]
+            memory = {**built.memory, "io": io_bytes_at_max(plan.spec.profile, inputs, outputs, vae_scale_factor=manifest.latent.vae_scale_factor)}
             record = write_engine(
                 bundle,
                 plan.spec,
                 built.data,
                 build_seconds=built.build_seconds,
                 parse_seconds=built.parse_seconds,
-                inputs=[_spec_dict(s) for s in comp.inputs],
-                outputs=[_spec_dict(s) for s in comp.outputs],
+                inputs=inputs,
+                outputs=outputs,
                 network=built.network.to_dict(),
                 created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                memory=memory,
+                refit={"mode": config.weights, "weights": list(built.refit_weights)} if config.weights != "embedded" else {},
             )
             log.info("%s: built %s (%d bytes) in %.2f s", name, record.engine_file, record.engine_bytes, record.build_seconds)
             result = BuildResult(name, "built", record, bundle / record.engine_file, built.network)
@@ -393,6 +457,7 @@ def build_serialized_engine(
     workspace: int | None = None,
     timing_cache: Path | None = None,
     progress: ProgressCallback | None = None,
+    weights: Weights = "embedded",
 ) -> SerializedEngine:
     """Parse one ONNX file and build a serialized engine for one optimization profile.
 
@@ -402,13 +467,26 @@ def build_serialized_engine(
     Args:
         shapes: per input name, its (min, opt, max) shapes.
         expected: the manifest's component; the network's inputs and outputs are checked against it.
+        weights: "embedded", "refittable" (REFIT) or "stripped" (REFIT + STRIP_PLAN).
 
     Raises:
         BuildError: the parser or the builder failed; the message lists every error they logged.
     """
+    logger = make_logger(library)
+    logger.clear()
+    logger.keep_info = True  # the builder's memory totals
+    try:
+        return _build(
+            library, logger, onnx_path, shapes, expected=expected, component=component, compute_capabilities=compute_capabilities,
+            opt_level=opt_level, workspace=workspace, timing_cache=timing_cache, progress=progress, weights=weights,
+        )
+    finally:
+        logger.keep_info = False
+
+
+def _build(library, logger, onnx_path, shapes, *, expected, component, compute_capabilities, opt_level, workspace, timing_cache, progress, weights):  # noqa: ANN001, ANN202
     trt = library.module
     where = component or Path(onnx_path).stem
-    logger = make_logger(library)
     builder = trt.Builder(logger)
     network = builder.create_network(library.network_flags)
     parser = trt.OnnxParser(network, logger)
@@ -429,9 +507,16 @@ def build_serialized_engine(
     info = _network_info(library, network)
     if expected is not None:
         _check_network(where, info, expected)
+    refit_weights = refittable_weights(network, onnx_path, logger) if weights != "embedded" else ()
 
     config = builder.create_builder_config()
     config.builder_optimization_level = opt_level
+    if weights != "embedded":
+        config.set_flag(trt.BuilderFlag.REFIT)
+    if weights == "stripped":
+        config.set_flag(trt.BuilderFlag.STRIP_PLAN)
+    if library.supports_user_allocation:
+        config.set_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
     if workspace is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
     ccs = tuple(compute_capabilities)
@@ -472,6 +557,11 @@ def build_serialized_engine(
         raise monitor.error
     if serialized is None or serialized.nbytes == 0:
         errors = logger.errors or ["(the library logged no error; enable DEBUG logging for latentrt.engines to see all its messages)"]
+        if weights != "embedded" and any("CUDA_SUCCESS" in e or "cudaError 35" in e or "CUDA driver" in e for e in errors):
+            errors.append(
+                f"hint: {library.module_name} {library.version} compiles {weights} engines with the CUDA driver, which this machine "
+                "lacks: build them on a machine with an NVIDIA driver (any GPU), or build with weights='embedded'"
+            )
         if any("OutOfMemory" in e for e in errors):
             errors.append(
                 "hint: the engine needs more memory than the builder may use"
@@ -485,7 +575,41 @@ def build_serialized_engine(
     if cache is not None and timing_cache is not None:
         timing_cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(timing_cache, memoryview(config.get_timing_cache().serialize()).cast("B"))
-    return SerializedEngine(serialized, info, parse_seconds, build_seconds, tuple(logger.warnings))
+    memory = parse_builder_memory(logger.messages)
+    return SerializedEngine(serialized, info, parse_seconds, build_seconds, tuple(logger.warnings), memory, refit_weights)
+
+
+def refittable_weights(network: Any, onnx_path: str | os.PathLike, logger: Any = None) -> tuple[dict[str, Any], ...]:
+    """The ONNX initializers that the parsed `network` holds as named weights: what a refit of the
+    engine may set (`Refitter.set_named_weights` / the ONNX refitter), in the ONNX file's order.
+
+    The parser names each weight after its initializer; initializers it folded into other
+    constants, or that only feed shape computations, have no named weights. The network is asked
+    name by name (`mark_weights_refittable` answers whether it has weights of that name; the mark is
+    removed again, so the network is unchanged). Reads the ONNX graph without its external data.
+
+    Returns:
+        One {"name", "dtype", "shape"} per weight (dtype as the manifest names it: "float32", ...).
+    """
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(os.fspath(onnx_path), load_external_data=False)
+    found = []
+    for init in model.graph.initializer:
+        if network.are_weights_marked_refittable(init.name):
+            known = True
+        else:
+            known = bool(network.mark_weights_refittable(init.name))
+            if known:
+                network.unmark_weights_refittable(init.name)
+        if known:
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).name
+            found.append({"name": init.name, "dtype": dtype, "shape": [int(d) for d in init.dims]})
+    if logger is not None:
+        logger.errors.clear()  # "there are no weights named ..." for every initializer the network does not hold
+    return tuple(found)
+
 
 
 def _spec_dict(spec: Any) -> dict[str, Any]:

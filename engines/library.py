@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import logging
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -27,6 +28,11 @@ from latentrt.errors import InputError
 
 Target = Literal["tensorrt", "tensorrt-rtx"]
 TARGETS: tuple[str, ...] = get_args(Target)
+
+# The GPUs an engine built by TensorRT-RTX without explicit compute capabilities runs on (its
+# portable default: Ampere, Ada and Blackwell RTX; not Turing, not Hopper). Documented by NVIDIA for
+# TensorRT-RTX 1.x ("8.0, 8.6, 8.9, 12.0 and later" where later means the same 12.x family).
+RTX_DEFAULT_COMPUTE_CAPABILITIES: tuple[str, ...] = ("8.0", "8.6", "8.9", "12.0")
 
 _MODULES: dict[str, tuple[str, ...]] = {
     "tensorrt": ("tensorrt",),
@@ -87,6 +93,12 @@ class TensorRTLibrary:
     def supports_timing_cache(self) -> bool:
         """TensorRT-RTX keeps the timing-cache API but its operations are no-ops (deprecated in 1.2)."""
         return self.target == "tensorrt"
+
+    @property
+    def supports_user_allocation(self) -> bool:
+        """TensorRT-RTX's REQUIRE_USER_ALLOCATION builder flag: the engine runs on memory the
+        application provides, which CUDA stream capture (our CUDA graphs) needs. Set on every RTX build."""
+        return self.target == "tensorrt-rtx" and hasattr(self.module.BuilderFlag, "REQUIRE_USER_ALLOCATION")
 
     @property
     def supports_progress_monitor(self) -> bool:
@@ -176,6 +188,70 @@ def is_available(target: Target = "tensorrt-rtx") -> bool:
     return True
 
 
+def installed_version(target: Target) -> str | None:
+    """The version of `target`'s library when it can be imported here, else None."""
+    try:
+        return load_library(target).version
+    except InputError:
+        return None
+
+
+def visible_compute_capability(device: int = 0) -> str | None:
+    """The compute capability of CUDA device `device`, or None when cuda-python or a usable GPU is missing."""
+    from latentrt.errors import LatentRTError
+
+    try:
+        cudart = load_cudart()
+        count = cuda_check(cudart.cudaGetDeviceCount(), "cudaGetDeviceCount")
+        if not count or device >= count:
+            return None
+        return current_compute_capability(device)
+    except (InputError, LatentRTError):
+        return None
+
+
+def resolve_target(requested: str, compute_capability: str | None, *, installed: dict[str, str | None] | None = None) -> tuple[Target, str]:
+    """The build target for `requested` ("auto", "tensorrt" or "tensorrt-rtx") and why.
+
+    "auto" picks what can run on this machine's GPU (`compute_capability`; None: no GPU visible):
+    NVIDIA TensorRT when it is installed and a GPU is there (it builds for that GPU), TensorRT-RTX
+    when it targets the GPU, TensorRT-RTX ahead of time when there is no GPU.
+
+    Args:
+        installed: per target, its installed version or None (default: try to import each).
+
+    Raises:
+        InputError: "auto" found nothing that can build engines for this GPU; the message says what to install.
+    """
+    if requested in TARGETS:
+        return requested, "requested"  # type: ignore[return-value]
+    if requested != "auto":
+        raise InputError(f"unknown TensorRT target {requested!r}; choose auto, {', '.join(TARGETS)}")
+    installed = installed if installed is not None else {t: installed_version(t) for t in TARGETS}  # type: ignore[arg-type]
+    if compute_capability is None:
+        if installed.get("tensorrt-rtx"):
+            return "tensorrt-rtx", "no GPU is visible: TensorRT-RTX builds ahead of time for its default compute capabilities"
+        raise InputError(
+            "no GPU is visible and TensorRT-RTX (the library that builds without one) is not installed: "
+            f"{_PIP['tensorrt-rtx']}; NVIDIA TensorRT builds only on the GPU it targets"
+        )
+    if installed.get("tensorrt"):
+        return "tensorrt", f"NVIDIA TensorRT {installed['tensorrt']} builds for this GPU (compute capability {compute_capability})"
+    if installed.get("tensorrt-rtx") and rtx_can_target(compute_capability):
+        return "tensorrt-rtx", f"TensorRT-RTX targets this GPU (compute capability {compute_capability})"
+    raise InputError(
+        f"this GPU (compute capability {compute_capability}) needs NVIDIA TensorRT: "
+        + ("TensorRT-RTX is installed but does not target it (it supports 7.5, 8.0, 8.6, 8.9 and 12.x, not Hopper 9.0); " if installed.get("tensorrt-rtx") else "")
+        + f"install it with: {_PIP['tensorrt']}, or pass --target tensorrt-rtx --compute-capability ... to build for another GPU"
+    )
+
+
+def rtx_can_target(compute_capability: str) -> bool:
+    """Whether TensorRT-RTX 1.x can build for `compute_capability` (7.5, 8.0, 8.6, 8.9, 12.x)."""
+    major, minor = parse_compute_capability(compute_capability)
+    return (major, minor) in {(7, 5), (8, 0), (8, 6), (8, 9)} or major == 12
+
+
 def load_cudart() -> Any:
     """cuda-python's CUDA runtime module (`cuda.bindings.runtime`, or the older `cuda.cudart`).
 
@@ -225,8 +301,19 @@ def current_compute_capability(device: int = 0) -> str:
     return f"{major}.{minor}"
 
 
+# TensorRT keeps one logger per process while any of its objects (builder, runtime, refitter) is
+# alive: a logger passed to a later one is ignored ("differs from one already registered"). To see
+# the errors of every operation, every object gets the logger that is already registered; it lives
+# as long as the objects that hold it (weak references), so this mirrors the library's own state.
+_LIVE_LOGGERS: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+
+
 def make_logger(library: TensorRTLibrary) -> Any:
     """A TensorRT `ILogger` that keeps errors (`.errors`) and warnings (`.warnings`) and forwards to Python logging.
+
+    One logger serves many operations (deserialize, set shapes, execute, refit): call `clear()`
+    before each, so an error reported is that operation's. With `keep_info = True` it also keeps
+    INFO messages (`.messages`), where the builder reports its memory totals.
 
     Errors go to logging at DEBUG only: the caller raises them in a `BuildError` (or similar) with
     context, so they are reported once. Warnings go to logging as warnings, the rest at DEBUG.
@@ -248,14 +335,26 @@ def make_logger(library: TensorRTLibrary) -> Any:
             trt.ILogger.__init__(self)
             self.errors: list[str] = []
             self.warnings: list[str] = []
+            self.messages: list[str] = []  # INFO messages (the builder's memory totals), when asked for
+            self.keep_info = False
+
+        def clear(self) -> None:
+            """Forget what was collected: call before each operation whose errors you report."""
+            self.errors.clear()
+            self.warnings.clear()
+            self.messages.clear()
 
         def log(self, sev: Any, msg: str) -> None:
             if sev in errors_at:
                 self.errors.append(msg)
             elif sev == severity.WARNING:
                 self.warnings.append(msg)
+            elif sev == severity.INFO and self.keep_info:
+                self.messages.append(msg)
             level = to_logging.get(sev, logging.DEBUG)
             if trt_log.isEnabledFor(level):
                 trt_log.log(level, "%s", msg)
 
-    return CapturingLogger()
+    logger = CapturingLogger()
+    _LIVE_LOGGERS[library.module_name] = logger
+    return logger

@@ -235,9 +235,32 @@ class Pipeline:
         return self._device_denoiser or None
 
     def _images_per_call(self, cfg: bool) -> int:
-        """The most images one pass can take within the exported batch ranges (denoiser and VAE)."""
-        denoiser = self.manifest.components[self.family.denoiser].axes["batch"].max // (2 if cfg else 1)
-        return max(1, min(denoiser, self.manifest.components["vae_decoder"].axes["batch"].max))
+        """The most images one pass can take: the batch ranges of the bundle, narrowed by what the
+        loaded engines take (`max_batch`, e.g. TensorRT profiles); with guidance the text encoders
+        and the denoiser see two rows per image."""
+        limits = []
+        for name, comp in self.manifest.components.items():
+            if "batch" not in comp.axes:
+                continue
+            engine_max = getattr(self.engines.get(name), "max_batch", None)
+            rows = min(comp.axes["batch"].max, engine_max) if engine_max else comp.axes["batch"].max
+            limits.append(rows // (2 if cfg and name != "vae_decoder" else 1))
+        return max(1, min(limits, default=1))
+
+    def close(self) -> None:
+        """Free what the engines hold (sessions, device memory, streams); the pipeline cannot be
+        called afterwards. `with Pipeline.load(...) as pipe:` closes it on leaving the block."""
+        closing, self._device_denoiser = self._device_denoiser, None
+        if closing and hasattr(closing, "close"):
+            closing.close()
+        for engine in self.engines.values():
+            engine.close()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _repeat(items: list[str], times: int) -> list[str]:

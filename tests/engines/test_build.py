@@ -228,3 +228,21 @@ def test_manifest_is_verified_before_building(bundle_copy):
     with pytest.raises(BundleError, match="sha256"):
         build_engines(bundle_copy, BuildConfig(components=("vae_decoder",)))
     assert load_manifest(bundle_copy, verify=False).components["vae_decoder"]
+
+
+def test_builder_memory_is_recorded(built, manifest):
+    """The builder's totals (activations, weights) and the I/O at the profile's max are in the metadata."""
+    from latentrt.engines.memory import io_bytes_at_max, pipeline_memory, EngineMemory
+
+    _, _, results = built
+    for result in results.values():
+        memory = result.record.memory
+        assert memory["activations"] > 0 and memory["weights"] > 0, memory
+        record = result.record
+        assert memory["io"] == io_bytes_at_max(record.spec.profile, record.inputs, record.outputs, vae_scale_factor=manifest.latent.vae_scale_factor)
+    vae = results["vae_decoder"].record
+    assert vae.memory["io"] == 4 * 16 * 96 * 96 * 4 + 4 * 3 * 768 * 768 * 4  # latents and image at batch 4, 768x768
+    need = pipeline_memory({n: EngineMemory(r.record.memory["weights"], r.record.memory["activations"], r.record.memory["io"]) for n, r in results.items()})
+    assert need.activations == max(r.record.memory["activations"] for r in results.values())
+    assert need.total < need.weights + need.activations_if_not_shared + need.io  # one shared buffer, not one per engine
+    assert vae.spec.flags["weights"] == "embedded" and vae.spec.flags["user_allocation"] is True

@@ -12,8 +12,8 @@ from latentrt.errors import InputError
 
 def test_defaults():
     config = BuildConfig()
-    assert config.target == "tensorrt-rtx" and config.compute_capabilities == () and config.opt_level == 3
-    assert config.shape_request().guidance == "cfg"
+    assert config.target == "auto" and config.compute_capabilities == () and config.opt_level == 3
+    assert config.shape_request().guidance == "cfg" and config.weights == "embedded"
 
 
 def test_round_trips_json():
@@ -27,6 +27,7 @@ def test_round_trips_json():
         timing_cache="cache.bin",
         components=("transformer",),
         reuse="rebuild",
+        weights="stripped",
     )
     assert BuildConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
@@ -47,6 +48,7 @@ def test_normalizes_compute_capabilities_and_lists():
         ({"reuse": "never"}, "reuse must be 'cache' or 'rebuild'"),
         ({"batch": (2, 1, 4)}, "batch 2:1:4 must satisfy"),
         ({"guidance": "sometimes"}, "guidance must be 'cfg' or 'none'"),
+        ({"weights": "lora"}, "weights must be one of embedded, refittable, stripped"),
     ],
 )
 def test_rejects(kwargs, message):

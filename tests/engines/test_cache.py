@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 
 import pytest
 
+from latentrt.engines import cache as cache_module
 from latentrt.engines.cache import (
     EngineRecord,
     EngineSpec,
@@ -75,7 +78,9 @@ def test_write_then_find(tmp_path):
     assert record.engine_bytes == 12 and record.build_seconds == 1.5
     assert EngineRecord.from_dict(json.loads(meta.read_text())) == record
     assert find_engine(tmp_path, spec) == record
-    assert sorted(p.name for p in engine.parent.iterdir()) == [engine.name, meta.name]  # no temporary files left
+    stamp = engine.with_suffix(".verified")
+    assert sorted(p.name for p in engine.parent.iterdir()) == sorted([engine.name, meta.name, stamp.name])  # no temporary files left
+    assert json.loads(stamp.read_text())["sha256"] == record.engine_sha256 == hashlib.sha256(b"engine-bytes").hexdigest()
 
 
 def test_write_accepts_buffers(tmp_path):
@@ -146,3 +151,102 @@ def test_load_record_errors(tmp_path):
     (tmp_path / "bad.json").write_text("[]")
     with pytest.raises(BundleError, match="malformed"):
         load_record(tmp_path / "bad.json")
+
+
+def _current(manifest, tmp_path, data=b"a" * 10):
+    spec = make_spec(onnx_sha256=manifest.components["vae_decoder"].sha256)
+    return spec, write_engine(tmp_path, spec, data, build_seconds=0.1)
+
+
+def test_engine_modified_in_place_with_the_same_size_is_stale(manifest, tmp_path):
+    spec, record = _current(manifest, tmp_path)
+    path = tmp_path / record.engine_file
+    with open(path, "r+b") as f:  # same size, one byte changed
+        f.seek(3)
+        f.write(b"b")
+    [status] = list_engines(tmp_path, manifest)
+    assert status.status == "stale" and "was modified since the build" in status.reasons[0]
+    assert find_engine(tmp_path, spec) is None
+
+
+def test_verification_is_cached_until_the_file_changes(manifest, tmp_path, monkeypatch):
+    spec, record = _current(manifest, tmp_path)
+    hashed = []
+    real = cache_module.sha256_of
+    monkeypatch.setattr(cache_module, "sha256_of", lambda p: hashed.append(p) or real(p))
+    assert find_engine(tmp_path, spec) == record and [s.status for s in list_engines(tmp_path, manifest)] == ["current"]
+    assert hashed == []  # verified when written: not read again
+    path = tmp_path / record.engine_file
+    stat = path.stat()
+    path.write_bytes(b"a" * 10)  # rewritten with the same content: times change, hash once more
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with the old mtime restored (the ctime moved)
+    assert find_engine(tmp_path, spec) == record
+    assert len(hashed) == 1
+    assert find_engine(tmp_path, spec) == record and len(hashed) == 1
+
+
+def test_unwritable_bundle_is_hashed_at_every_check(manifest, tmp_path, monkeypatch):
+    spec, record = _current(manifest, tmp_path)
+    (tmp_path / record.engine_file).with_suffix(".verified").unlink()
+    monkeypatch.setattr(cache_module, "atomic_write", _raise_read_only)
+    assert find_engine(tmp_path, spec) == record
+    assert find_engine(tmp_path, spec) == record
+    assert not (tmp_path / record.engine_file).with_suffix(".verified").exists()
+
+
+def _raise_read_only(*args, **kwargs):
+    raise PermissionError("read-only file system")
+
+
+def test_metadata_whose_key_does_not_match_its_spec_is_stale(manifest, tmp_path):
+    spec, record = _current(manifest, tmp_path)
+    meta = engine_paths(tmp_path, spec)[1]
+    raw = json.loads(meta.read_text())
+    raw["spec"]["flags"]["opt_level"] = 0  # edited by hand, key left as it was
+    meta.write_text(json.dumps(raw))
+    [status] = list_engines(tmp_path, manifest)
+    assert status.status == "stale" and "is not the sha256 of its spec" in status.reasons[0]
+    assert find_engine(tmp_path, spec) is None
+
+
+def test_metadata_naming_another_file_is_stale(manifest, tmp_path):
+    spec, record = _current(manifest, tmp_path)
+    (tmp_path.parent / "outside.engine").write_bytes(b"a" * 10)
+    meta = engine_paths(tmp_path, spec)[1]
+    raw = json.loads(meta.read_text())
+    raw["engine_file"] = "../outside.engine"
+    meta.write_text(json.dumps(raw))
+    [status] = list_engines(tmp_path, manifest)
+    assert status.status == "stale" and "names engine file '../outside.engine'" in status.reasons[0]
+    assert status.path == engine_paths(tmp_path, spec)[0]
+    assert find_engine(tmp_path, spec) is None
+
+
+def test_engine_files_get_the_bundles_permissions(tmp_path):
+    (tmp_path / "manifest.json").write_text("{}")
+    (tmp_path / "manifest.json").chmod(0o640)
+    tmp_path.chmod(0o750)
+    old = os.umask(0o077)  # a private umask must not make the engines private
+    try:
+        record = write_engine(tmp_path, make_spec(), b"engine", build_seconds=0.1)
+    finally:
+        os.umask(old)
+    engine, meta = engine_paths(tmp_path, make_spec())
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in (engine, meta, engine.with_suffix(".verified"))} == {
+        engine.name: "0o640",
+        meta.name: "0o640",
+        engine.with_suffix(".verified").name: "0o640",
+    }
+    assert oct(engine.parent.stat().st_mode & 0o777) == "0o750"
+    assert record.engine_file == f"engines/{engine.name}"
+
+
+def test_runtime_cache_lives_next_to_its_engine_per_gpu_kind(tmp_path):
+    from latentrt.engines.cache import runtime_cache_path
+
+    record = write_engine(tmp_path, make_spec(), b"engine", build_seconds=0.1)
+    path = runtime_cache_path(tmp_path, record, "8.9")
+    assert path == tmp_path / "engines" / f"{make_spec().file_stem}.sm89.runtime-cache"
+    assert runtime_cache_path(tmp_path, record, "12.0").name.endswith(".sm120.runtime-cache")
+    path.write_bytes(b"cache")  # not metadata: the engine list ignores it
+    assert [r.key for r in read_records(tmp_path)] == [record.key]

@@ -78,3 +78,70 @@ def test_dtype_names(rtx):
         "int32",
         "bool",
     ]
+
+
+@pytest.mark.parametrize(
+    "gpu, installed, expected",
+    [
+        (None, {"tensorrt-rtx": "1.7.1.116", "tensorrt": None}, "tensorrt-rtx"),
+        ("8.9", {"tensorrt-rtx": "1.7.1.116", "tensorrt": None}, "tensorrt-rtx"),
+        ("12.0", {"tensorrt-rtx": "1.7.1.116", "tensorrt": None}, "tensorrt-rtx"),
+        ("9.0", {"tensorrt-rtx": "1.7.1.116", "tensorrt": "10.13.0.35"}, "tensorrt"),
+        ("8.9", {"tensorrt-rtx": "1.7.1.116", "tensorrt": "10.13.0.35"}, "tensorrt"),
+    ],
+)
+def test_auto_target_is_what_runs_on_this_gpu(gpu, installed, expected):
+    from latentrt.engines.library import resolve_target
+
+    target, why = resolve_target("auto", gpu, installed=installed)
+    assert target == expected and why
+
+
+def test_auto_target_on_hopper_without_nvidia_tensorrt_explains():
+    from latentrt.engines.library import resolve_target
+
+    with pytest.raises(InputError) as err:
+        resolve_target("auto", "9.0", installed={"tensorrt-rtx": "1.7.1.116", "tensorrt": None})
+    assert "compute capability 9.0) needs NVIDIA TensorRT" in str(err.value) and "not Hopper" in str(err.value)
+    assert "pip install tensorrt cuda-python" in str(err.value)
+    with pytest.raises(InputError, match="no GPU is visible and TensorRT-RTX"):
+        resolve_target("auto", None, installed={"tensorrt-rtx": None, "tensorrt": None})
+    assert resolve_target("tensorrt-rtx", "9.0", installed={}) == ("tensorrt-rtx", "requested")
+
+
+def test_no_gpu_is_visible_here():
+    from latentrt.engines.library import visible_compute_capability
+
+    try:
+        from latentrt.engines.library import load_cudart
+
+        err, count = load_cudart().cudaGetDeviceCount()
+    except InputError:
+        count = 0
+    if count:
+        pytest.skip("a GPU is visible")
+    assert visible_compute_capability() is None
+
+
+def test_the_rtx_extra_installs_what_the_runtime_imports():
+    """Every module the TensorRT-RTX runtime imports comes from a distribution the extra names."""
+    import importlib
+    import importlib.metadata
+    import re
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11's tomllib")
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    extra = pyproject["project"]["optional-dependencies"]["tensorrt-rtx"]
+    named = {re.split(r"[<>=!~ \[]", req, maxsplit=1)[0].lower().replace("_", "-") for req in extra}
+    providers = importlib.metadata.packages_distributions()
+    for module in ("tensorrt_rtx_bindings", "cuda", "onnx", "ml_dtypes"):
+        pytest.importorskip(module, reason=f"{module} is not installed here (make install installs the tensorrt-rtx extra)")
+        dists = {d.lower().replace("_", "-") for d in providers.get(module, [])}
+        # cuda-python is a meta package: the module `cuda` comes from cuda-bindings, which it requires
+        if module == "cuda":
+            requires = importlib.metadata.requires("cuda-python") or []
+            dists |= {"cuda-python"} if any(r.startswith("cuda-bindings") for r in requires) and "cuda-bindings" in dists else set()
+        assert dists & named, (module, dists, named)
+    importlib.import_module("cuda.bindings.runtime")
