@@ -7,7 +7,9 @@ construct that a backend handles badly.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
+from latentrt.export.weights import Recipe
 from latentrt.graph.view import GraphView, drop_dead, used_names
 
 
@@ -80,7 +82,7 @@ def integer_ranges(model) -> None:
     graph.node.extend(nodes)
 
 
-def fuse_parallel_matmuls(model) -> int:
+def fuse_parallel_matmuls(model, recipes: dict | None = None) -> int:
     """Merge MatMuls that read the same activation with constant weights into one MatMul + Split.
 
     Attention's Q, K and V projections (and the K, V of cross-attention) are three GEMMs over one
@@ -89,8 +91,14 @@ def fuse_parallel_matmuls(model) -> int:
     `DQ -> MatMul` into an int8 `MatMulIntegerToFloat` when the quantized input has a single consumer).
     A bias `Add` that follows every MatMul of a group is merged the same way. Returns the number of
     groups fused.
+
+    `recipes` (initializer name -> Recipe over the checkpoint, export/weights.py) are composed for
+    the fused weights; weights whose data is absent (read from the checkpoint later) are fused
+    through their recipes alone.
     """
     from onnx import helper, numpy_helper
+
+    recipes = {} if recipes is None else recipes
 
     graph = model.graph
     weights = {t.name: t for t in graph.initializer}
@@ -129,20 +137,39 @@ def fuse_parallel_matmuls(model) -> int:
     replaced: set[int] = set()
     new_nodes: dict[int, list] = {}
     dropped: set[str] = set()
+    def concat(names: list[str], new_name: str, axis: int):
+        """The initializer concatenating `names` along `axis`, with its data (when every part has
+        data) and its composed recipe (when every part has one); None when neither can be made."""
+        tensors = [weights[n] for n in names]
+        with_data = [has_data(t) for t in tensors]
+        if any(with_data) and not all(with_data):
+            return None
+        parts = [recipes.get(n) for n in names]
+        if all(p is not None and (len(p.parts) == 1 or p.axis % len(p.shape) == axis % len(p.shape)) for p in parts):
+            shape = list(tensors[0].dims)
+            shape[axis] = sum(t.dims[axis] for t in tensors)
+            recipes[new_name] = Recipe(tuple(x for p in parts for x in p.parts), tuple(shape), axis % len(shape))
+        elif not all(with_data):
+            return None
+        if all(with_data):
+            return numpy_helper.from_array(np.concatenate([numpy_helper.to_array(t) for t in tensors], axis=axis), new_name)
+        shape = list(recipes[new_name].shape)
+        return onnx.TensorProto(name=new_name, data_type=tensors[0].data_type, dims=shape, data_location=onnx.TensorProto.EXTERNAL)
+
     for group in groups:
-        ws = [numpy_helper.to_array(weights[n.input[1]]) for n in group]
-        widths = [w.shape[1] for w in ws]
+        widths = [weights[n.input[1]].dims[1] for n in group]
         adds = [bias_add(n, w) for n, w in zip(group, widths)]
         with_bias = all(a is not None for a in adds)
         base = group[0].name or group[0].output[0]
-        fused_w = numpy_helper.from_array(np.concatenate(ws, axis=1), base + "/fused_weight")
+        fused_w = concat([n.input[1] for n in group], base + "/fused_weight", 1)
+        fused_b = concat([name for _, name in adds], base + "/fused_bias", 0) if with_bias else None
+        if fused_w is None or (with_bias and fused_b is None):
+            continue
         nodes = [helper.make_node("MatMul", [group[0].input[0], fused_w.name], [base + "/fused_matmul"], name=base + "/fused")]
         graph.initializer.append(fused_w)
         dropped.update(n.input[1] for n in group)
         split_in, outputs = base + "/fused_matmul", [n.output[0] for n in group]
         if with_bias:
-            bs = [numpy_helper.to_array(weights[name]) for _, name in adds]
-            fused_b = numpy_helper.from_array(np.concatenate(bs), base + "/fused_bias")
             graph.initializer.append(fused_b)
             nodes.append(helper.make_node("Add", [split_in, fused_b.name], [base + "/fused_add"], name=base + "/fused_add"))
             split_in, outputs = base + "/fused_add", [add.output[0] for add, _ in adds]
@@ -156,8 +183,10 @@ def fuse_parallel_matmuls(model) -> int:
             replaced.add(id(n))
         new_nodes[id(group[0])] = nodes
 
-    if not groups:
+    if not new_nodes:
         return 0
+    for name in dropped:
+        recipes.pop(name, None)
     order = []
     for n in graph.node:
         if id(n) in new_nodes:
@@ -171,7 +200,79 @@ def fuse_parallel_matmuls(model) -> int:
     for i in reversed(range(len(graph.initializer))):  # in place: extend() would copy every weight
         if graph.initializer[i].name in dropped:
             del graph.initializer[i]
-    return len(groups)
+    return len(new_nodes)
+
+
+_VIEWS = {"Transpose", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"}
+
+
+def fold_weight_views(model, recipes: dict) -> int:
+    """Fold the views exporters put between a weight and its consumer (a Linear's Transpose, a
+    bias's Unsqueeze) into the weight's recipe, for weights whose data is read from the checkpoint
+    later; returns the number of nodes folded. The result is the graph a constant-folding exporter
+    writes, with each weight still known by the checkpoint tensor it comes from."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    weights = {t.name: t for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    constants = {t.name: t for t in graph.initializer if has_data(t)}
+    constants |= {n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+    kept, folded = [], 0
+    for node in graph.node:
+        source = weights.get(node.input[0]) if node.input else None
+        recipe = recipes.get(node.input[0]) if source is not None and not has_data(source) else None
+        shape = None
+        if recipe is not None and node.op_type in _VIEWS and node.output[0] not in outputs:
+            const = [numpy_helper.to_array(constants[i]) if i in constants else None for i in node.input[1:]]
+            shape = _view_shape(node, tuple(source.dims), const)
+        new = recipe.viewed(node.op_type, shape) if shape is not None else None
+        if new is None:
+            kept.append(node)
+            continue
+        tensor = onnx.TensorProto(name=node.output[0], data_type=source.data_type, dims=list(shape), data_location=onnx.TensorProto.EXTERNAL)
+        graph.initializer.append(tensor)
+        weights[tensor.name] = tensor
+        recipes[tensor.name] = new
+        folded += 1
+    if folded:
+        del graph.node[:]
+        graph.node.extend(kept)
+        drop_dead(graph)
+    return folded
+
+
+def _view_shape(node, shape: tuple[int, ...], const: list) -> tuple[int, ...] | None:
+    """The output shape of a view node on a tensor of `shape`, None when it is not a plain view
+    (an input that is not constant, a Transpose other than 2-D [1, 0])."""
+    attrs = {a.name: (a.ints if a.ints else a.i) for a in node.attribute}
+    if any(c is None for c in const):
+        return None
+    if node.op_type == "Identity":
+        return shape
+    if node.op_type == "Transpose":
+        return shape[::-1] if len(shape) == 2 and list(attrs.get("perm", [1, 0])) == [1, 0] else None
+    if node.op_type == "Flatten":
+        axis = attrs.get("axis", 1) % max(len(shape), 1)
+        return (int(np.prod(shape[:axis])), int(np.prod(shape[axis:])))
+    if node.op_type == "Reshape":
+        if not const or attrs.get("allowzero", 0):
+            return None
+        target = [shape[i] if d == 0 else int(d) for i, d in enumerate(np.ravel(const[0]))]
+        if target.count(-1) == 1:
+            known = int(np.prod([d for d in target if d != -1]))
+            target[target.index(-1)] = int(np.prod(shape)) // max(known, 1)
+        return tuple(target) if int(np.prod(target)) == int(np.prod(shape)) else None
+    axes = [int(a) for a in np.ravel(const[0])] if const else list(attrs.get("axes", []))
+    if node.op_type == "Unsqueeze":
+        out = list(shape)
+        for a in sorted(a % (len(shape) + len(axes)) for a in axes):
+            out.insert(a, 1)
+        return tuple(out)
+    if node.op_type == "Squeeze":
+        drop = {a % len(shape) for a in axes} if axes else {i for i, d in enumerate(shape) if d == 1}
+        return tuple(d for i, d in enumerate(shape) if i not in drop)
+    return None
 
 
 # Ops evaluated at export when all their inputs are constant: shape arithmetic and small math.
@@ -314,6 +415,13 @@ def _inferred_dims(model) -> dict[str, list[int | None]]:
         if value.type.tensor_type.HasField("shape"):
             dims[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in shape.dim]
     return dims
+
+
+def has_data(tensor) -> bool:
+    """Whether an initializer holds its data (in the proto or in an external file it names)."""
+    import onnx
+
+    return tensor.data_location != onnx.TensorProto.EXTERNAL or len(tensor.external_data) > 0
 
 
 def _small_initializers(graph) -> list:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import tempfile
-import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +11,11 @@ import numpy as np
 import torch
 
 from latentrt.errors import ExportError
-from latentrt.export.graph_passes import fold_squeeze_ifs, fold_static_shapes, fuse_parallel_matmuls, integer_ranges
+from latentrt.export.blocks import find_blocks, stitch, trace_glue, trace_template
+from latentrt.export.graph_passes import fold_squeeze_ifs, fold_static_shapes, fold_weight_views, fuse_parallel_matmuls, has_data, integer_ranges
+from latentrt.export.segments import tensor_bytes
+from latentrt.export.tracing import trace_to_onnx
+from latentrt.export.weights import ExternalDataWriter, Recipe, inputs_to_weights
 from latentrt.models.spec import ComponentExport, TensorTemplate
 from latentrt.bundle.manifest import TensorSpec, Validation
 
@@ -42,56 +44,6 @@ def make_inputs(specs: tuple[TensorTemplate, ...], sizes: dict[str, int], seed: 
     return tensors
 
 
-def _rms_norm_symbolic(g, input, normalized_shape, weight, eps):
-    """aten::rms_norm (torch.nn.RMSNorm, e.g. Flux's q/k norms) decomposed for opsets below 23's RMSNormalization."""
-    from torch.onnx import symbolic_helper
-
-    dims = len(symbolic_helper._get_const(normalized_shape, "is", "normalized_shape"))
-    eps_value = symbolic_helper._get_const(eps, "f", "eps") if not symbolic_helper._is_none(eps) else None
-    if eps_value is None:
-        eps_value = torch.finfo(torch.float32).eps
-    axes = g.op("Constant", value_t=torch.tensor(list(range(-dims, 0)), dtype=torch.int64))
-    mean_square = g.op("ReduceMean", g.op("Mul", input, input), axes, keepdims_i=1)
-    rms = g.op("Sqrt", g.op("Add", mean_square, g.op("Constant", value_t=torch.tensor(eps_value, dtype=torch.float32))))
-    out = g.op("Div", input, rms)
-    return out if symbolic_helper._is_none(weight) else g.op("Mul", out, weight)
-
-
-def _gelu_symbolic(g, input, approximate="none"):
-    """aten::gelu; the tanh approximation as `0.5x * (1 + tanh(0.79788456 * (x + 0.044715 * x^3)))`.
-
-    That is the form ONNX Runtime's FastGeluFusion matches (TorchScript's own writes x^3 as two Muls
-    and is left as nine elementwise ops); TensorRT fuses either form. The exact (erf) GELU keeps
-    PyTorch's symbolic.
-    """
-    from torch.onnx import symbolic_helper, symbolic_opset9
-
-    if symbolic_helper._maybe_get_const(approximate, "s") != "tanh":
-        return symbolic_opset9.gelu(g, input, approximate)
-
-    def const(value: float):
-        return g.op("Constant", value_t=torch.tensor(value, dtype=torch.float32))
-
-    inner = g.op("Add", input, g.op("Mul", g.op("Pow", input, const(3.0)), const(0.044715)))
-    tanh = g.op("Tanh", g.op("Mul", inner, const(0.7978845834732056)))
-    return g.op("Mul", g.op("Mul", input, const(0.5)), g.op("Add", tanh, const(1.0)))
-
-
-_EXTRA_SYMBOLICS = {"aten::rms_norm": _rms_norm_symbolic, "aten::gelu": _gelu_symbolic}
-
-
-@contextlib.contextmanager
-def _extra_symbolics(opset: int):
-    """Register symbolics that the TorchScript exporter lacks or writes badly, for one export only."""
-    for name, fn in _EXTRA_SYMBOLICS.items():
-        torch.onnx.register_custom_op_symbolic(name, fn, opset)
-    try:
-        yield
-    finally:
-        for name in _EXTRA_SYMBOLICS:
-            torch.onnx.unregister_custom_op_symbolic(name, opset)
-
-
 def _dynamic_shapes(comp: ComponentExport) -> tuple[dict[int, Any], ...]:
     """torch.export dims from the component's named axes; inputs sharing an axis name share one Dim."""
     dims: dict[str, Any] = {}
@@ -105,55 +57,157 @@ def parameter_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def export_component(comp: ComponentExport, path: Path, *, opset: int = 18) -> list[str]:
+@dataclass
+class TracedComponent:
+    """An exported graph and where its weights come from.
+
+    `recipes` maps initializers to the checkpoint parameters they are made of (the weight map the
+    manifest records). An initializer without data (a block weight of a streamed export) is rebuilt
+    from the checkpoint `store` by its recipe when it is written or run.
+    """
+
+    model: Any  # onnx.ModelProto
+    recipes: dict[str, Recipe] = field(default_factory=dict)
+    store: Any = None  # SafetensorsStore
+    data_sha256: str = ""  # of the external data file, once written
+
+    def value(self, tensor) -> np.ndarray:
+        """An initializer's data, as an array of its ONNX dtype."""
+        from onnx import numpy_helper
+
+        if has_data(tensor):
+            return numpy_helper.to_array(tensor)
+        return self.recipes[tensor.name].evaluate(self.store.get).astype(onnx_numpy_dtype(tensor.data_type))
+
+    @property
+    def deferred(self) -> frozenset[str]:
+        """The initializers whose data is still in the checkpoint."""
+        return frozenset(t.name for t in self.model.graph.initializer if not has_data(t))
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(tensor_bytes(t) for t in self.model.graph.initializer)
+
+
+def onnx_numpy_dtype(data_type: int) -> np.dtype:
+    """The numpy dtype of an ONNX tensor type (bfloat16 and float8 through ml_dtypes)."""
+    from onnx import helper
+
+    return np.dtype(helper.tensor_dtype_to_np_dtype(data_type))
+
+
+def trace_component(comp: ComponentExport, *, opset: int = 18, store=None, streaming: bool = False, progress=None) -> TracedComponent:
+    """Trace `comp.module` at its trace sizes and apply the export's graph passes.
+
+    The trace reads no weight (export/tracing.py): each initializer that is a weight of `comp.source`
+    gets a recipe over the checkpoint `store` (None: over the module's own loaded weights), read when
+    the model is written or run. With `streaming` and block lists (`comp.blocks`), each kind of block
+    is traced once and stitched in for every block (export/blocks.py). `progress(step)` is told when
+    the graph passes start.
+    """
+    example = make_inputs(comp.inputs, comp.trace_sizes, seed=0)
+    names = dict(input_names=[s.name for s in comp.inputs], output_names=list(comp.output_names), opset=opset, what=f"component {comp.name!r}")
+    dynamic_axes = {spec.name: {i: d for i, d in enumerate(spec.shape) if isinstance(d, str)} for spec in comp.inputs + comp.outputs}
+    prefix = next(n for n, m in comp.module.named_modules() if m is comp.source)
+    strip = len(prefix) + 1 if prefix else 0
+    store = ModuleWeights(comp.source) if store is None else store
+    recipes: dict[str, Recipe] = {}
+    if streaming and comp.blocks:
+        blocks = {f"{prefix}.{path}" if prefix else path: b for path, b in find_blocks(comp.source, comp.blocks).items()}
+        other = make_inputs(comp.inputs, other_sizes(comp), seed=0)
+        model, calls = trace_glue(
+            comp.module, blocks, [tuple(other.values()), tuple(example.values())],
+            lambda args: trace_to_onnx(comp.module, args, dynamic_axes=dynamic_axes, **names),
+        )
+        templates = {}
+        for call in calls:
+            if call.kind not in templates:
+                logger.info("%s: tracing the block kind of %s", comp.name, call.path)
+                templates[call.kind] = trace_template(call, opset=opset, exporter=comp.exporter)
+        recipes = stitch(model, calls, templates, lambda path, name: f"{path[strip:]}.{name}")
+    elif comp.exporter == "dynamo":
+        model = trace_to_onnx(comp.module, tuple(example.values()), exporter="dynamo", dynamic_shapes=_dynamic_shapes(comp), **names)
+    else:
+        model = trace_to_onnx(comp.module, tuple(example.values()), dynamic_axes=dynamic_axes, **names)
+    state = comp.module.state_dict(keep_vars=True)
+    checkpoint = {name: name[strip:] for name in state if name.startswith(prefix)}
+    inline = {c: state[n].detach().numpy() for n, c in checkpoint.items() if c not in store and state[n].device.type != "meta"}
+    recipes |= inputs_to_weights(model, checkpoint, inline)
+    if progress:
+        progress("passes")
+    _declare_output_shapes(model, comp.outputs)
+    fold_weight_views(model, recipes)
+    fold_squeeze_ifs(model)
+    integer_ranges(model)
+    fuse_parallel_matmuls(model, recipes)
+    fold_static_shapes(model)
+    present = {t.name for t in model.graph.initializer}
+    return TracedComponent(model, {k: v for k, v in recipes.items() if k in present}, store)
+
+
+class ModuleWeights:
+    """A module's loaded parameters and buffers, read like a checkpoint store (`get`, `in`)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.tensors = {n: t for n, t in module.state_dict(keep_vars=True).items() if t.device.type != "meta"}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def get(self, name: str, dtype=np.float32) -> np.ndarray:
+        value = self.tensors[name].detach().numpy()
+        return value.astype(dtype) if dtype is not None else value.copy()
+
+
+def other_sizes(comp: ComponentExport) -> dict[str, int]:
+    """Axis sizes that differ from the trace sizes on every axis that can vary (one step of
+    `multiple_of` up, or down at the top of the range): what separates dynamic dims from static ones."""
+    sizes = dict(comp.trace_sizes)
+    for name, axis in comp.axes.items():
+        size = sizes.get(name, axis.opt)
+        step = axis.multiple_of
+        sizes[name] = size + step if axis.contains(size + step) else size - step if axis.contains(size - step) else size
+    return sizes
+
+
+def write_component(traced: TracedComponent, path: Path, *, external: bool | None = None) -> list[str]:
+    """Write the traced graph to `path` with its weights; returns the external data file names.
+
+    The weights go into `path.data` (4 KiB aligned, one tensor at a time: never all in memory) when
+    they exceed EXTERNAL_DATA_THRESHOLD (or `external` says so), else into the .onnx file.
+    """
+    import onnx
+
+    model = traced.model
+    if external is None:
+        external = traced.weight_bytes > EXTERNAL_DATA_THRESHOLD
+    if not external:
+        for tensor in model.graph.initializer:
+            if not has_data(tensor):
+                tensor.raw_data = np.ascontiguousarray(traced.value(tensor)).tobytes()
+                tensor.data_location = onnx.TensorProto.DEFAULT
+        onnx.save_model(model, str(path))
+        onnx.checker.check_model(model)
+        return []
+    data_name = path.name + ".data"
+    writer = ExternalDataWriter(path.with_name(data_name))
+    try:
+        for tensor in model.graph.initializer:
+            if tensor_bytes(tensor) >= 1024 or not has_data(tensor):
+                writer.write(tensor, traced.value(tensor))
+    finally:
+        traced.data_sha256 = writer.close()
+    onnx.save_model(model, str(path))
+    onnx.checker.check_model(str(path))
+    return [data_name]
+
+
+def export_component(comp: ComponentExport, path: Path, *, opset: int = 18, store=None, streaming: bool = False) -> list[str]:
     """Trace `comp.module` at its trace sizes and write `path` (plus `path.data` for models over 2 GB).
 
     Returns the external data file names written next to `path` (empty for a single-file model).
     """
-    import onnx
-
-    example = make_inputs(comp.inputs, comp.trace_sizes, seed=0)
-    dynamic_axes = {
-        spec.name: {i: d for i, d in enumerate(spec.shape) if isinstance(d, str)} for spec in comp.inputs + comp.outputs
-    }
-    large = parameter_bytes(comp.module) > EXTERNAL_DATA_THRESHOLD
-    # Trace into a scratch folder: the TorchScript exporter writes one file per tensor for large models.
-    with tempfile.TemporaryDirectory(dir=path.parent) as scratch, torch.no_grad(), warnings.catch_warnings(), _extra_symbolics(opset):
-        warnings.simplefilter("ignore")  # TracerWarnings about python ints from shapes; validation catches real issues
-        traced = Path(scratch) / "model.onnx"
-        names = dict(input_names=[s.name for s in comp.inputs], output_names=list(comp.output_names), opset_version=opset)
-        try:
-            if comp.exporter == "dynamo":
-                program = torch.onnx.export(
-                    comp.module, tuple(example.values()), dynamic_shapes=_dynamic_shapes(comp), dynamo=True, verbose=False, **names
-                )
-                program.save(str(traced), external_data=True)
-            else:
-                torch.onnx.export(
-                    comp.module,
-                    tuple(example.values()),
-                    str(traced),
-                    dynamic_axes=dynamic_axes,
-                    do_constant_folding=True,
-                    dynamo=False,
-                    **names,
-                )
-        except Exception as err:  # the exporters raise many types; name the component
-            raise ExportError(f"component {comp.name!r}: torch.onnx.export failed: {err}") from err
-        model = onnx.load(str(traced), load_external_data=True)
-    _declare_output_shapes(model, comp.outputs)
-    fold_squeeze_ifs(model)
-    integer_ranges(model)
-    fuse_parallel_matmuls(model)
-    fold_static_shapes(model)
-    if large:
-        data_name = path.name + ".data"
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-        onnx.checker.check_model(str(path))
-        return [data_name]
-    onnx.save_model(model, str(path))
-    onnx.checker.check_model(model)
-    return []
+    return write_component(trace_component(comp, opset=opset, store=store, streaming=streaming), path)
 
 
 def _declare_output_shapes(model, templates) -> None:
@@ -198,13 +252,38 @@ def rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(diff / denom) if denom > 0 else float(diff)
 
 
-def validate_component(comp: ComponentExport, path: Path, *, tolerance: float) -> list[Validation]:
-    """Run ONNX Runtime (CPU) and PyTorch on each of `comp.validate_sizes`; fail above `tolerance` relative L2."""
+def model_runner(path: Path, *, simulate: bool = False, budget: int = 1 << 30):
+    """Something with ONNX Runtime's `run(output_names, feeds)` for the written model at `path`.
+
+    A model without external data runs in one session; one with external data runs segment by
+    segment (export/segments.py), reading each segment's weights from the data file. `simulate`
+    runs the half-precision model's float32 simulation (export/precision.py).
+    """
+    import onnx
     import onnxruntime as ort
+
+    from latentrt.export.precision import simulation_graph
+    from latentrt.export.segments import SegmentedModel, written_weights
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    model = onnx.load(str(path), load_external_data=False)
+    external = any(t.external_data for t in model.graph.initializer)
+    if not external and not simulate:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    stored = simulation_graph(model) if simulate else {}
+    if not external:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return SegmentedModel(model, written_weights(path, stored), budget=budget)
+
+
+def validate_component(
+    comp: ComponentExport, path: Path, *, tolerance: float, simulate: bool = False, budget: int = 1 << 30
+) -> list[Validation]:
+    """Run the written model on ONNX Runtime (CPU) and PyTorch on each of `comp.validate_sizes`; fail
+    above `tolerance` relative L2. `simulate`: a half-precision model, run as its float32 simulation.
+    The PyTorch module must have its weights (see export/pipeline.py's `_Job.weights`)."""
+    session = model_runner(path, simulate=simulate, budget=budget)
     results = []
     for i, sizes in enumerate(comp.validate_sizes):
         inputs = make_inputs(comp.inputs, sizes, seed=1 + i)

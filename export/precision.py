@@ -63,7 +63,7 @@ import math
 import os
 import uuid
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -265,41 +265,73 @@ def convert_precision(
     import onnx
 
     model_path, out_path = Path(model_path), Path(out_path)
+    if model_path.resolve() == out_path.resolve():
+        raise InputError(f"convert_precision writes a new model: out_path {out_path} must differ from model_path")
+    model = onnx.load(str(model_path), load_external_data=False)
+    model, report = convert_model(
+        model, precision, ranges, margin=margin, keep_fp32_ops=keep_fp32_ops, softmax_input_limit=softmax_input_limit,
+        opset=opset, weights=lambda m: _load_weights(m, model_path.parent), what=model_path.name,
+    )
+    report = replace(report, external_data=_save(model, out_path))
+    logger.info("%s -> %s: %d nodes in %s, %d kept fp32 %s", model_path.name, out_path.name, report.half_nodes,
+                precision, len(report.kept_fp32), report.reasons)
+    return report
+
+
+def convert_model(
+    model,
+    precision: Precision,
+    ranges: dict[str, float] | None,
+    *,
+    margin: float = 0.5,
+    keep_fp32_ops: tuple[str, ...] = DEFAULT_KEEP_FP32_OPS,
+    softmax_input_limit: float = 256.0,
+    opset: int | None = None,
+    deferred: frozenset[str] | set[str] = frozenset(),
+    weights=None,
+    what: str = "model",
+):
+    """`convert_precision` on a ModelProto: returns the converted model (possibly a new object) and its report.
+
+    Initializers in `deferred` hold no data (their values are written later, from the checkpoint):
+    their dtype is set and the writer converts them; their ranges must be in `ranges`.
+    `weights(model)`, if given, loads the other initializers' data after the types are read.
+    """
+    import onnx
+
     if precision not in _HALF_TYPE:
         raise InputError(f"precision must be 'fp16' or 'bf16', got {precision!r}")
     if not 0 < margin <= 1:
         raise InputError(f"margin must be in (0, 1], got {margin}")
-    if model_path.resolve() == out_path.resolve():
-        raise InputError(f"convert_precision writes a new model: out_path {out_path} must differ from model_path")
-    model = onnx.load(str(model_path), load_external_data=False)
     if opset is not None:
         declared = {v.name for v in model.graph.value_info}
         try:
             model = onnx.version_converter.convert_version(model, opset)
         except Exception as err:  # the converter raises RuntimeError / ConvertError without the file name
-            raise ExportError(f"{model_path.name}: cannot convert to opset {opset}: {err}; re-export at that opset") from err
+            raise ExportError(f"{what}: cannot convert to opset {opset}: {err}; re-export at that opset") from err
         kept = [v for v in model.graph.value_info if v.name in declared]  # drop the converter's inferred shapes
         del model.graph.value_info[:]
         model.graph.value_info.extend(kept)
     opset = _opset(model)
     if precision == "bf16" and opset < 13:
-        raise InputError(f"{model_path.name}: opset {opset} has no bfloat16 Cast; re-export with opset >= 13 (latentrt uses 18)")
+        raise InputError(f"{what}: opset {opset} has no bfloat16 Cast; re-export with opset >= 13 (latentrt uses 18)")
     graph = model.graph
     for i, node in enumerate(graph.node):
         if not node.name:
             node.name = f"{node.op_type}_{i}"
     if len({n.name for n in graph.node}) != len(graph.node):
-        raise ExportError(f"{model_path.name}: node names are not unique; the precision report is keyed by node name")
+        raise ExportError(f"{what}: node names are not unique; the precision report is keyed by node name")
 
     half = _HALF_TYPE[precision]
     types = _tensor_types(model)
-    _load_weights(model, model_path.parent)
-    if ranges is not None:  # initializers and Constants are measured here, not by record_ranges
-        ranges = {**_constant_ranges(model), **ranges}
+    if weights is not None:
+        weights(model)
+    if ranges is not None:  # inline initializers and Constants are measured here, not by record_ranges
+        ranges = {**_constant_ranges(model, skip=deferred), **ranges}
     limit = margin * _HALF_MAX[precision]
 
     keep = _islands(graph, types, ranges, limit, keep_fp32_ops, softmax_input_limit, _HalfSlots(opset, half, types))
-    stats = _rewrite(model, types, keep, half, _HalfSlots(opset, half, types))
+    stats = _rewrite(model, types, keep, half, _HalfSlots(opset, half, types), deferred)
     report = PrecisionReport(
         precision=precision,
         margin=margin,
@@ -308,11 +340,8 @@ def convert_precision(
         casts_inserted=stats["casts"],
         half_initializers=stats["half_initializers"],
         fp32_initializers=stats["fp32_initializers"],
-        external_data=_save(model, out_path),
     )
-    logger.info("%s -> %s: %d nodes in %s, %d kept fp32 %s", model_path.name, out_path.name, report.half_nodes,
-                precision, len(keep), report.reasons)
-    return report
+    return model, report
 
 
 def _tensor_types(model) -> dict[str, int]:
@@ -344,11 +373,11 @@ def _load_weights(model, base_dir: Path) -> None:
             tensor.data_location = 0  # TensorProto.DEFAULT
 
 
-def _constant_ranges(model) -> dict[str, float]:
+def _constant_ranges(model, skip=frozenset()) -> dict[str, float]:
     from onnx import numpy_helper
 
     out = {}
-    values = [(t.name, t) for t in model.graph.initializer if t.data_type == FLOAT]
+    values = [(t.name, t) for t in model.graph.initializer if t.data_type == FLOAT and t.name not in skip]
     values += [(n.output[0], a.t) for n in model.graph.node if n.op_type == "Constant" for a in n.attribute
                if a.name == "value" and a.t.data_type == FLOAT]
     for name, tensor in values:
@@ -521,7 +550,7 @@ def _is_square(node, producer) -> bool:
     return value is not None and value.size == 1 and float(value.reshape(())) == 2.0
 
 
-def _rewrite(model, types, keep: dict[str, str], half: int, slots: _HalfSlots) -> dict[str, int]:
+def _rewrite(model, types, keep: dict[str, str], half: int, slots: _HalfSlots, deferred=frozenset()) -> dict[str, int]:
     """Retype the graph in place: half everywhere a node is not kept fp32, Casts where dtypes meet."""
     import onnx
 
@@ -553,7 +582,10 @@ def _rewrite(model, types, keep: dict[str, str], half: int, slots: _HalfSlots) -
             continue
         users = consumers[name]
         if users and all(wants_half(c, i) for c, i in users):
-            _to_half(tensor, half)
+            if name in deferred:
+                tensor.data_type = half  # no data yet: the writer converts it
+            else:
+                _to_half(tensor, half)
             dtype[name] = half
             stats["half_initializers"] += 1
         else:
@@ -676,16 +708,33 @@ def simulation_model(converted_path: str | os.PathLike, out_path: str | os.PathL
     can check it against PyTorch. Returns `out_path`.
     """
     import onnx
-    from onnx import numpy_helper
 
     converted_path, out_path = Path(converted_path), Path(out_path)
     model = onnx.load(str(converted_path), load_external_data=False)
-    types = _tensor_types(model)
     _load_weights(model, converted_path.parent)
+    simulation_graph(model)
+    _save(model, out_path)
+    return out_path
+
+
+def simulation_graph(model) -> dict[str, int]:
+    """`simulation_model` on a ModelProto, in place. Initializers whose data is elsewhere (external)
+    are only retyped to float32: returns {name: stored dtype} for them, so that a reader converts
+    their half values to float32 (exactly) when it loads them."""
+    import onnx
+    from onnx import numpy_helper
+
+    types = _tensor_types(model)
     graph = model.graph
     half_types = (FLOAT16, BFLOAT16)
+    stored = {}
     for tensor in graph.initializer:
-        if tensor.data_type in half_types:
+        if tensor.data_type not in half_types:
+            continue
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            stored[tensor.name] = tensor.data_type
+            tensor.data_type = FLOAT
+        else:
             tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32), tensor.name))
 
     nodes = []
@@ -713,5 +762,4 @@ def simulation_model(converted_path: str | os.PathLike, out_path: str | os.PathL
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.value_info[:]
-    _save(model, out_path)
-    return out_path
+    return stored

@@ -90,6 +90,7 @@ def flux_export(pipe: LoadedPipeline, *, max_batch: int = 4, max_sequence_length
             axes={"batch": batch, "sequence": AxisRange(1, clip_len, clip_len)},
             trace_sizes={"batch": 2, "sequence": clip_len},
             validate_sizes=({"batch": 1, "sequence": clip_len}, {"batch": 2, "sequence": clip_len}),
+            blocks=("encoder.layers",),
         ),
         ComponentExport(
             name="text_encoder_2",
@@ -99,6 +100,7 @@ def flux_export(pipe: LoadedPipeline, *, max_batch: int = 4, max_sequence_length
             axes={"batch": batch, "sequence": text_axis},
             trace_sizes={"batch": 2, "sequence": 16},
             validate_sizes=({"batch": 1, "sequence": t5_len}, {"batch": 2, "sequence": 24}),
+            blocks=("encoder.block",),
         ),
         ComponentExport(
             name="transformer",
@@ -109,6 +111,7 @@ def flux_export(pipe: LoadedPipeline, *, max_batch: int = 4, max_sequence_length
             trace_sizes={"batch": 2, "image_tokens": 16, "text_tokens": 8},
             validate_sizes=({"batch": 1, "image_tokens": 64, "text_tokens": t5_len}, {"batch": 2, "image_tokens": 24, "text_tokens": 5}),
             exporter="dynamo",  # the TorchScript tracer folds the rotary embedding's reshapes into constants
+            blocks=("transformer_blocks", "single_transformer_blocks"),
         ),
         vae_decoder_export(vae, max_batch=max_batch, latent_axis=latent_axis, validate_latent=16),
     ]

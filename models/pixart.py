@@ -85,6 +85,7 @@ def pixart_export(pipe: LoadedPipeline, *, max_batch: int = 4, max_sequence_leng
             axes={"batch": batch, "sequence": text_axis},
             trace_sizes={"batch": 2, "sequence": 16},
             validate_sizes=({"batch": 1, "sequence": seq}, {"batch": 2, "sequence": 24}),
+            blocks=("encoder.block",),
         ),
         ComponentExport(
             name="transformer",
@@ -98,6 +99,7 @@ def pixart_export(pipe: LoadedPipeline, *, max_batch: int = 4, max_sequence_leng
                 {"batch": 1, "latent_height": sample, "latent_width": sample, "sequence": seq},
                 {"batch": 2, "latent_height": odd, "latent_width": 2 * odd, "sequence": 5},
             ),
+            blocks=("transformer_blocks",),
         ),
         vae_decoder_export(vae, max_batch=max_batch, latent_axis=latent_axis, validate_latent=sample),
     ]

@@ -77,6 +77,7 @@ def _clip_export(name: str, model, max_length: int, batch: AxisRange) -> Compone
         axes={"batch": batch, "sequence": AxisRange(1, max_length, max_length)},
         trace_sizes={"batch": 2, "sequence": max_length},
         validate_sizes=({"batch": 1, "sequence": max_length}, {"batch": 2, "sequence": max_length}),
+        blocks=("encoder.layers",),
     )
 
 
@@ -111,6 +112,7 @@ def sd3_export(pipe: LoadedPipeline, *, max_batch: int = 4, max_sequence_length:
                 axes={"batch": batch, "sequence": AxisRange(1, max_sequence_length, t5_max)},
                 trace_sizes={"batch": 2, "sequence": 16},
                 validate_sizes=({"batch": 1, "sequence": max_sequence_length}, {"batch": 2, "sequence": 24}),
+                blocks=("encoder.block",),
             )
         )
         tokenizers["tokenizer_3"] = (c["tokenizer_3"], max_sequence_length)
@@ -144,6 +146,7 @@ def sd3_export(pipe: LoadedPipeline, *, max_batch: int = 4, max_sequence_length:
                 {"batch": 1, "latent_height": sample, "latent_width": sample, "context_length": clip_len + max_sequence_length},
                 {"batch": 2, "latent_height": odd, "latent_width": 2 * odd, "context_length": clip_len + 5},
             ),
+            blocks=("transformer_blocks",),
         )
     )
     components.append(

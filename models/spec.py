@@ -33,7 +33,7 @@ class ComponentExport:
 
     `trace_sizes` are the axis sizes the export traces with (small: tracing cost grows with them);
     `validate_sizes` are the sizes ONNX Runtime is compared with PyTorch on (batch 1 and 2, a
-    non-square latent different from the traced one).
+    non-square latent different from the traced one). `module.model` is the checkpoint's model.
     """
 
     name: str
@@ -46,6 +46,14 @@ class ComponentExport:
     # "torchscript" (fast, dynamic_axes) or "dynamo" (torch.export, for graphs whose shape
     # arithmetic the TorchScript tracer folds into constants).
     exporter: Literal["torchscript", "dynamo"] = "torchscript"
+    # ModuleLists of repeated blocks inside `source` (e.g. "transformer_blocks"): a streamed export
+    # traces each kind of block once and reads its weights per block (export/blocks.py).
+    blocks: tuple[str, ...] = ()
+
+    @property
+    def source(self) -> Any:
+        """The checkpoint's model inside the adapter (every adapter keeps it as `.model`)."""
+        return self.module.model
 
     @property
     def output_names(self) -> tuple[str, ...]:

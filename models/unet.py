@@ -88,6 +88,7 @@ def _text_encoder_export(name: str, model, max_length: int, batch: AxisRange) ->
         axes={"batch": batch, "sequence": AxisRange(1, max_length, max_length)},
         trace_sizes={"batch": 2, "sequence": max_length},
         validate_sizes=({"batch": 1, "sequence": max_length}, {"batch": 2, "sequence": max_length}),
+        blocks=("encoder.layers",),
     )
 
 

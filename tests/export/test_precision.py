@@ -121,7 +121,7 @@ def tiny_sd3_components(tiny_sd3_dir):
     from latentrt.models.loader import load_pipeline, read_model_index
 
     family = families.for_pipeline_class(read_model_index(tiny_sd3_dir)["_class_name"], tiny_sd3_dir)
-    spec = family.describe(load_pipeline(tiny_sd3_dir, family.required, family.optional))
+    spec = family.describe(load_pipeline(tiny_sd3_dir, family.required, family.optional).load_weights())
     return {c.name: c for c in spec.components}
 
 

@@ -1,0 +1,217 @@
+"""Running an ONNX model too large for memory: consecutive slices of its graph, one at a time.
+
+The nodes (in graph order, which ONNX requires to be topological) are cut into segments whose
+weights stay under a byte budget. Each segment becomes a small model: its nodes, its initializers
+(read from wherever `values` finds them: the external data file, or a recipe over the checkpoint),
+the tensors it reads from earlier segments as inputs, and what later segments (or the caller) read
+as outputs. ONNX Runtime runs them in order; a tensor is dropped as soon as nothing later reads it.
+So a 24 GB model runs in ~2x the budget, and every intermediate tensor can be observed on the way
+(`observe`, for range recording).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from latentrt.graph.view import used_names
+
+logger = logging.getLogger(__name__)
+
+ELEMENT_BYTES = {1: 4, 2: 1, 3: 1, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 16: 2, 17: 1, 18: 1, 19: 1, 20: 1}
+
+
+def tensor_bytes(tensor) -> int:
+    """Bytes of an initializer's data from its dims and type (whether or not the data is present)."""
+    return int(np.prod(tensor.dims, dtype=np.int64)) * ELEMENT_BYTES.get(tensor.data_type, 4)
+
+
+@dataclass(frozen=True)
+class Segment:
+    nodes: tuple[int, ...]  # indices into graph.node
+    initializers: tuple[str, ...]
+    inputs: tuple[str, ...]  # read from the graph inputs or earlier segments
+    outputs: tuple[str, ...]  # read by later segments or returned
+
+
+def plan_segments(model, budget: int) -> list[Segment]:
+    """Cut the graph into segments of at most `budget` bytes of initializers each (a node whose own
+    weights exceed it gets a segment of its own)."""
+    graph = model.graph
+    sizes = {t.name: tensor_bytes(t) for t in graph.initializer}
+    reads = [[i for i in list(n.input) + sorted(_subgraph_reads(n)) if i] for n in graph.node]
+    groups: list[list[int]] = [[]]
+    held: set[str] = set()
+    total = 0
+    for index, names in enumerate(reads):
+        new = {n for n in names if n in sizes and n not in held}
+        extra = sum(sizes[n] for n in new)
+        if groups[-1] and total + extra > budget:
+            groups.append([])
+            held, total = set(), 0
+            new = {n for n in names if n in sizes}
+            extra = sum(sizes[n] for n in new)
+        groups[-1].append(index)
+        held |= new
+        total += extra
+
+    last_read: dict[str, int] = {}
+    for g, group in enumerate(groups):
+        for index in group:
+            for name in reads[index]:
+                last_read[name] = g
+    returned = {o.name for o in graph.output}
+    produced_in: dict[str, int] = {}
+    segments = []
+    for g, group in enumerate(groups):
+        node_reads = {name for index in group for name in reads[index]}
+        made = {o for index in group for o in graph.node[index].output if o}
+        for name in made:
+            produced_in[name] = g
+        segments.append(
+            Segment(
+                nodes=tuple(group),
+                initializers=tuple(sorted(node_reads & set(sizes))),
+                inputs=tuple(sorted(n for n in node_reads - made - set(sizes) if n)),
+                outputs=tuple(sorted(n for n in made if n in returned or last_read.get(n, -1) > g)),
+            )
+        )
+    return segments
+
+
+def _subgraph_reads(node) -> set[str]:
+    reads: set[str] = set()
+    for a in node.attribute:
+        for sub in list(a.graphs) + ([a.g] if a.HasField("g") else []):
+            reads |= used_names(sub)
+    return reads
+
+
+class SegmentedModel:
+    """Runs a model segment by segment with ONNX Runtime on the CPU; `run` has InferenceSession's signature.
+
+    Args:
+        model: the ModelProto (its initializers' data may be absent: `values` provides them).
+        values: `values(tensor) -> ndarray` for an initializer, of the tensor's dtype.
+        budget: the most initializer bytes one segment holds.
+        types: {tensor name: ONNX element type} for every tensor crossing a segment boundary
+            (from shape inference when not given).
+
+    Example:
+        >>> runner = SegmentedModel(model, values=read_from_data_file, budget=1 << 30)  # doctest: +SKIP
+        >>> runner.run(["sample"], feeds)  # doctest: +SKIP
+    """
+
+    def __init__(self, model, values: Callable[[object], np.ndarray], *, budget: int, types: Mapping[str, int] | None = None) -> None:
+        self.model = model
+        self.values = values
+        self.segments = plan_segments(model, budget)
+        self.types = dict(types) if types is not None else element_types(model)
+        logger.debug("%d segments of at most %d MB of weights", len(self.segments), budget >> 20)
+
+    def run(
+        self,
+        output_names: Sequence[str] | None,
+        feeds: Mapping[str, np.ndarray],
+        *,
+        observe: Callable[[str, np.ndarray], None] | None = None,
+    ) -> list[np.ndarray]:
+        """Outputs `output_names` (None: the graph's) for `feeds`. `observe(name, value)` sees every
+        float tensor a node produces, and every float initializer, as the segments load and produce them."""
+        import onnxruntime as ort
+        from onnx import helper, numpy_helper
+
+        graph = self.model.graph
+        wanted = list(output_names) if output_names is not None else [o.name for o in graph.output]
+        live = dict(feeds)
+        initializers = {t.name: t for t in graph.initializer}
+        last_read = {name: k for k, s in enumerate(self.segments) for name in s.inputs}
+        for k, segment in enumerate(self.segments):
+            nodes = [graph.node[i] for i in segment.nodes]
+            made = [o for n in nodes for o in n.output if o]
+            outputs = list(segment.outputs)
+            if observe is not None:
+                outputs += [o for o in made if o not in segment.outputs and self.types.get(o) in (1, 10, 16)]
+            weights = []
+            for n in segment.initializers:
+                value = self.values(initializers[n])
+                if observe is not None and value.dtype.kind == "f":
+                    observe(n, value)
+                weights.append(numpy_helper.from_array(value, n))
+                del value
+            sub = helper.make_graph(
+                nodes,
+                "segment",
+                [helper.make_tensor_value_info(n, self.types.get(n, 1), None) for n in segment.inputs],
+                [helper.make_tensor_value_info(n, self.types.get(n, 1), None) for n in outputs],
+                weights,
+            )
+            part = helper.make_model(sub, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
+            part.functions.extend(self.model.functions)
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            session = ort.InferenceSession(part.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            del part, sub, weights
+            results = session.run(outputs, {n: live[n] for n in segment.inputs})
+            del session
+            for name, value in zip(outputs, results):
+                if observe is not None and self.types.get(name) in (1, 10, 16):
+                    observe(name, value)
+                if name in segment.outputs:
+                    live[name] = value
+            for name in segment.inputs:
+                if last_read[name] == k and name not in wanted:
+                    live.pop(name, None)
+        return [live[name] for name in wanted]
+
+
+def element_types(model) -> dict[str, int]:
+    """{tensor name: ONNX element type} for every typed tensor, from shape inference on a copy
+    without the weights (works for models over 2 GB)."""
+    import onnx
+    from onnx import helper
+
+    graph = model.graph
+    declared = {i.name for i in graph.input}
+    weights = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in graph.initializer if t.name not in declared]
+    skeleton = helper.make_model(
+        helper.make_graph(list(graph.node), graph.name, list(graph.input) + weights, list(graph.output)),
+        opset_imports=list(model.opset_import),
+        ir_version=model.ir_version,
+    )
+    skeleton.functions.extend(model.functions)
+    inferred = onnx.shape_inference.infer_shapes(skeleton).graph
+    types = {t.name: t.data_type for t in graph.initializer}
+    for value in list(inferred.input) + list(inferred.value_info) + list(inferred.output):
+        if value.type.tensor_type.elem_type:
+            types[value.name] = value.type.tensor_type.elem_type
+    return types
+
+
+def written_weights(path, stored: Mapping[str, int] | None = None) -> Callable[[object], np.ndarray]:
+    """`values` for a written model at `path`: each initializer read from its external data file
+    (only its bytes) or from the proto. `stored` maps initializers retyped since writing (the
+    simulation graph's float32 view of half weights) to the dtype their bytes hold."""
+    from pathlib import Path
+
+    from onnx import helper, numpy_helper
+
+    base = Path(path).parent
+    stored = dict(stored or {})
+
+    def value(tensor) -> np.ndarray:
+        if not tensor.external_data:
+            return numpy_helper.to_array(tensor)
+        entries = {e.key: e.value for e in tensor.external_data}
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(stored.get(tensor.name, tensor.data_type)))
+        count = int(np.prod(tensor.dims, dtype=np.int64))
+        with open(base / entries["location"], "rb") as f:
+            f.seek(int(entries.get("offset", 0)))
+            array = np.fromfile(f, dtype=dtype, count=count).reshape(tuple(tensor.dims))  # little-endian hosts only
+        target = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+        return array.astype(target, copy=False) if array.dtype != target else array
+
+    return value
