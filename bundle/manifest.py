@@ -254,9 +254,9 @@ def load_manifest(bundle: str | os.PathLike, *, verify: bool = True) -> Manifest
     path = bundle / MANIFEST_NAME
     if not bundle.is_dir():
         raise BundleError(f"bundle {bundle} does not exist or is not a directory; create one with `latentrt export`")
+    resolve_inside(bundle, MANIFEST_NAME, "the manifest")
     if not path.is_file():
         raise BundleError(f"{bundle} has no {MANIFEST_NAME}; is it a latentrt bundle? Re-export it with `latentrt export`")
-    resolve_inside(bundle, MANIFEST_NAME, "the manifest")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
@@ -322,24 +322,21 @@ def check_external_data(bundle: str | os.PathLike, manifest: Manifest) -> None:
     root = Path(bundle)
     for name, comp in manifest.components.items():
         onnx_path = resolve_inside(root, comp.file, f"component {name!r} file")
-        folder = PurePosixPath(comp.file).parent
+        folder = onnx_path.parent  # ONNX Runtime reads external data relative to the model's folder
         sizes: dict[Path, int] = {}
         for ref in onnx_external_data(onnx_path):
             what = f"component {name!r}: tensor {ref.tensor!r}'s external data"
-            if not isinstance(ref.location, str) or not ref.location or PurePosixPath(ref.location).is_absolute():
-                raise BundleError(
-                    f"{what} location {ref.location!r} is not a relative path inside the bundle; a bundle may only "
-                    "name its own files: re-export it"
-                )
-            data = resolve_inside(root, (folder / ref.location).as_posix(), what)
+            data = resolve_inside(folder, ref.location, what)
+            if not data.is_relative_to(root.resolve()):
+                raise BundleError(f"{what} {ref.location!r} resolves to {data}, outside the bundle; re-export the bundle")
             if data not in sizes:
                 if not data.is_file():
-                    raise BundleError(f"{what} file {root / folder / ref.location} is missing; re-export the bundle")
+                    raise BundleError(f"{what} file {data} is missing; re-export the bundle")
                 sizes[data] = data.stat().st_size
             end = ref.offset + (ref.length or 0)
             if ref.offset < 0 or end > sizes[data]:
                 raise BundleError(
-                    f"{what} needs bytes {ref.offset}..{end} of {root / folder / ref.location}, which has {sizes[data]}; "
+                    f"{what} needs bytes {ref.offset}..{end} of {data}, which has {sizes[data]}; "
                     "the data file is truncated: re-export the bundle"
                 )
 

@@ -59,7 +59,7 @@ def check_disjoint(output: str | os.PathLike, inputs: Mapping[str, str | os.Path
     """
     out = Path(os.path.realpath(output))
     for what, path in inputs.items():
-        if path is None:
+        if path is None or not os.path.lexists(path):
             continue
         src = Path(os.path.realpath(path))
         if out == src:
@@ -112,6 +112,7 @@ def writing_bundle(
     check_output_dir(output, overwrite)
     with _locked_parent(output.parent):
         recover_leftovers(output)
+        check_output_dir(output, overwrite)  # again: a recovered bundle may now be there
         try:
             tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-{os.getpid()}-", dir=output.parent))
         except OSError as err:
@@ -119,9 +120,7 @@ def writing_bundle(
         lock = _lock(tmp, blocking=False)
     logger.info("writing bundle %s in %s", output, tmp)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; a bundle gets the usual permissions
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a bundle gets the usual permissions
         yield tmp
         with _locked_parent(output.parent):
             if output.is_dir() and any(output.iterdir()) and not overwrite:
@@ -129,10 +128,12 @@ def writing_bundle(
             _fsync_tree(tmp)
             logger.info("replacing %s with %s", output, tmp)
             displaced = _swap_into_place(tmp, output)
+            logger.info("%s is in place%s", output, f"; removing the previous bundle {displaced.name}" if displaced else "")
     except BaseException as err:
+        blame = _blame_output(err, output.parent)  # before the temporary bundle's space is freed
         os.close(lock)
         shutil.rmtree(tmp, ignore_errors=True)
-        if _blame_output(err, output.parent):
+        if blame:
             raise _unwritable(output, err) from err
         raise
     os.close(lock)
@@ -204,20 +205,34 @@ def atomic_write(path: str | os.PathLike, data: bytes | memoryview) -> None:
         raise _unwritable(path, err) from err
     try:
         with os.fdopen(fd, "wb") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(f.fileno(), 0o666 & ~umask)
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # from here on, cleanups by others skip it
+            logger.debug("writing %s through %s", path, os.path.basename(tmp))
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
             os.replace(tmp, path)  # while the lock is held: a concurrent cleanup never sees it unlocked
         _fsync_dir(path.parent)
     except BaseException as err:
+        blame = _blame_output(err, path.parent)
         Path(tmp).unlink(missing_ok=True)
-        if _blame_output(err, path.parent):
+        if blame:
             raise _unwritable(path, err) from err
         raise
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (setting it, even briefly, races other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def _output_path(output: str | os.PathLike) -> Path:
@@ -368,8 +383,11 @@ def _blame_output(err: BaseException, folder: Path) -> bool:
         return True
     if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM):
         return err.filename is not None and Path(os.path.abspath(err.filename)).is_relative_to(folder)
-    # torch and onnx report a short write in their own words: blame a disk that has (almost) no room left
-    return _nearly_full(folder)
+    # torch, onnx and safetensors report a failed write in their own words, most with the OS's text
+    text = str(err)
+    if any(os.strerror(code) in text for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)):
+        return True
+    return _nearly_full(folder)  # else blame a disk that has (almost) no room left
 
 
 def _nearly_full(folder: Path) -> bool:
@@ -382,6 +400,8 @@ def _nearly_full(folder: Path) -> bool:
 
 def _unwritable(output: Path, err: BaseException) -> InputError:
     code = getattr(err, "errno", None)
+    if code is None and os.strerror(errno.EROFS) in str(err):
+        code = errno.EROFS
     if code in (errno.EROFS,):
         why, fix = "the file system is read-only", "choose a writable location"
     elif code in (errno.EACCES, errno.EPERM):
