@@ -117,9 +117,13 @@ def writing_bundle(
             tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-{os.getpid()}-", dir=output.parent))
         except OSError as err:
             raise _unwritable(output, err) from err
-        lock = _lock(tmp, blocking=False)
-    logger.info("writing bundle %s in %s", output, tmp)
+        try:
+            lock = _lock(tmp, blocking=False)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     try:
+        logger.info("writing bundle %s in %s", output, tmp)
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a bundle gets the usual permissions
         yield tmp
         with _locked_parent(output.parent):

@@ -37,8 +37,14 @@ def command(bundle, prompt, output, negative_prompt, steps, guidance, seed, heig
     check_file_output(Path(output), inputs={"bundle": bundle})
     image_format(Path(output))
     pipe = Pipeline.load(bundle, backend=backend)
-    total = steps or pipe.manifest.defaults.num_inference_steps
-    with tqdm(total=total, desc="denoising", unit="step", leave=False) as bar:
+    bars: list = []  # drawn from the first step on: a refused call prints nothing but its error
+
+    def progress(step: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, desc="denoising", unit="step", leave=False))
+        _advance(bars[0], step)
+
+    try:
         out = pipe(
             list(prompt),
             negative_prompt=negative_prompt,
@@ -48,8 +54,11 @@ def command(bundle, prompt, output, negative_prompt, steps, guidance, seed, heig
             width=width,
             num_images_per_prompt=num_images,
             seed=seed,
-            callback=lambda i, n: _advance(bar, i),
+            callback=progress,
         )
+    finally:
+        for bar in bars:
+            bar.close()
     if grid:
         from latentrt.cli.grid import make_grid
 

@@ -76,10 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" (see `latentrt {err.ctx.info_name} --help`)" if isinstance(err, click.UsageError) and err.ctx and err.ctx.parent else ""
         click.echo(f"error: {err.format_message()}{hint}", err=True)
         return 2
-    except Terminated:
-        click.echo("terminated", err=True)
-        return 143
-    except (click.Abort, KeyboardInterrupt):
+    except (click.Abort, KeyboardInterrupt) as err:  # click turns KeyboardInterrupt into Abort
+        if isinstance(err, Terminated) or isinstance(err.__context__, Terminated):
+            click.echo("terminated", err=True)
+            return 143
         click.echo("interrupted", err=True)
         return 130
     except LatentRTError as err:

@@ -58,6 +58,10 @@ def stop_at(pattern: str, *argv: str, timeout: float = 300) -> Stopped:
         for line in proc.stderr:
             seen.append(line)
             if line.startswith("STOPPED AT:"):
+                # The line is written just before the child stops itself: wait until it has stopped,
+                # so that a SIGCONT sent next cannot arrive before the SIGSTOP.
+                _, status = os.waitpid(proc.pid, os.WUNTRACED)
+                assert os.WIFSTOPPED(status), f"the child did not stop after {line!r} (status {status})"
                 return Stopped(proc, line, seen)
     finally:
         watchdog.cancel()
