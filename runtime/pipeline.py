@@ -177,6 +177,10 @@ class Pipeline:
                 layout; overrides `seed`, as diffusers' `latents=` does.
             callback: called as `callback(step, num_inference_steps)` after each denoising step
                 (again for each chunk when more images are asked than the bundle's batch range holds).
+
+        Raises:
+            InputError: an argument of the wrong type or out of range (naming it and what is valid),
+                checked before anything is allocated or run.
         """
         start = time.perf_counter()
         d = self.manifest.defaults

@@ -75,8 +75,7 @@ def test_modified_onnx_file(bundle_copy):
     path.write_bytes(data[:-10])  # truncated: not even ONNX, refused without hashing too
     with pytest.raises(BundleError, match="'vae_decoder'.*sha256.*re-export"):
         load_manifest(bundle_copy)
-    with pytest.raises(BundleError, match="vae_decoder.onnx is not a well-formed ONNX model"):
-        load_manifest(bundle_copy, verify=False)
+    assert load_manifest(bundle_copy, verify=False).family == "sd3"  # without hashing, ONNX Runtime reports it at load
 
 
 def test_missing_tokenizer(bundle_copy):
