@@ -17,9 +17,8 @@ from latentrt.cli.params import FINITE_FLOAT, POSITIVE, SEED
 @click.option("--steps", type=POSITIVE, default=None, help="Denoising steps per prompt (default: the bundle's).")
 @click.option("--method", type=click.Choice(["percentile", "entropy", "minmax"]), default="percentile", show_default=True,
               help="How activation ranges are chosen from the histograms.")
-@click.option("--percentile", type=click.FloatRange(0, 100, min_open=True), default=99.99, show_default=True,
-              help="For --method percentile, in (0, 100].")
-@click.option("--smoothquant-alpha", type=click.FloatRange(0, 1), default=0.8, show_default=True, help="SmoothQuant strength in [0, 1].")
+@click.option("--percentile", type=float, default=99.99, show_default=True, help="For --method percentile, in (0, 100].")
+@click.option("--smoothquant-alpha", type=float, default=0.8, show_default=True, help="SmoothQuant strength in [0, 1].")
 @click.option("--no-smoothquant", is_flag=True, help="Do not smooth the linear layers' inputs.")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Regex of node names to keep in high precision (repeatable).")
 @click.option("--guidance", type=FINITE_FLOAT, default=None, help="Guidance scale of the calibration runs (default: the bundle's).")
