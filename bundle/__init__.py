@@ -1,8 +1,11 @@
 """The bundle format: what every stage of latentrt reads or writes, and which imports none of them.
 
-- `manifest`: the manifest schema (frozen dataclasses that round-trip through JSON), reading it,
-  verifying the files it names;
-- `writer`: writing a bundle (or one file) atomically.
+- `manifest`: the manifest schema (frozen dataclasses that round-trip through JSON), reading it
+  (structure checked field by field), verifying the files it names;
+- `paths`: every path a bundle names must resolve inside it (after symbolic links), ONNX external
+  data included;
+- `writer`: writing a bundle (or one file) atomically, recovering what a killed writer left, and
+  refusing outputs that overlap an input.
 """
 
 from latentrt.bundle.manifest import (
@@ -16,11 +19,14 @@ from latentrt.bundle.manifest import (
     TensorSpec,
     TokenizerSpec,
     Validation,
+    check_manifest_dict,
+    check_paths,
     load_manifest,
     sha256_file,
     verify_files,
 )
-from latentrt.bundle.writer import atomic_write, check_output_dir, writing_bundle
+from latentrt.bundle.paths import onnx_external_data, resolve_inside
+from latentrt.bundle.writer import atomic_write, check_disjoint, check_output_dir, recover_leftovers, writing_bundle
 
 __all__ = [
     "MANIFEST_NAME",
@@ -34,8 +40,14 @@ __all__ = [
     "TokenizerSpec",
     "Validation",
     "atomic_write",
+    "check_disjoint",
+    "check_manifest_dict",
     "check_output_dir",
+    "check_paths",
     "load_manifest",
+    "onnx_external_data",
+    "recover_leftovers",
+    "resolve_inside",
     "sha256_file",
     "verify_files",
     "writing_bundle",

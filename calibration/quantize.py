@@ -36,7 +36,7 @@ from latentrt.calibration.prompts import default_prompts, load_prompts, prompts_
 from latentrt.calibration.qdq import FP8_MIN_OPSET, insert_qdq, model_opset
 from latentrt.calibration.smoothquant import smooth_graph
 from latentrt.errors import BundleError, InputError
-from latentrt.bundle.writer import check_output_dir, writing_bundle
+from latentrt.bundle.writer import check_disjoint, check_output_dir, writing_bundle
 from latentrt.bundle.manifest import Component, Manifest, load_manifest, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -159,8 +159,8 @@ def quantize_bundle(
     manifest = load_manifest(bundle)
     if is_quantized(manifest):
         raise InputError(f"{bundle} is already quantized; calibrate the fp32 bundle it was made from instead")
-    if output.resolve() == bundle.resolve():
-        raise InputError(f"output {output} is the input bundle; write the quantized bundle to a new directory")
+    inputs = {"input bundle": bundle, "prompts file": config.prompts_file}
+    check_disjoint(output, inputs)
     check_output_dir(output, config.overwrite)
     if prompts is not None:
         prompt_list = [p for p in prompts if p.strip()]
@@ -190,7 +190,7 @@ def quantize_bundle(
         raise InputError(f"no layer of {name!r} is left to quantize after the exclusions; drop some --exclude patterns")
     settings = TrajectorySettings(steps=config.steps, guidance_scale=config.guidance_scale, seed=config.seed)
 
-    with writing_bundle(output, overwrite=config.overwrite) as tmp:
+    with writing_bundle(output, overwrite=config.overwrite, inputs=inputs) as tmp:
         work = tmp / ".calibration"
         work.mkdir()
 

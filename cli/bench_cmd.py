@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import json
+from pathlib import Path
 
 import click
+
+from latentrt.cli.params import FINITE_FLOAT, NON_NEGATIVE, POSITIVE, check_file_output, save_json
 
 
 @click.command("bench")
@@ -12,14 +14,14 @@ import click
 @click.option("--bundle", type=click.Path(), default=None, help="The latentrt bundle of SOURCE (exported if omitted).")
 @click.option("--int8-bundle", type=click.Path(), default=None, help="A bundle from `latentrt calibrate` for onnxruntime-int8.")
 @click.option("--backends", default="torch,onnxruntime", show_default=True, help="Comma-separated: torch, onnxruntime, onnxruntime-int8, tensorrt.")
-@click.option("--steps", type=int, default=8, show_default=True)
+@click.option("--steps", type=POSITIVE, default=8, show_default=True)
 @click.option("--size", default=None, help="HxW (default: the bundle's).")
-@click.option("--batch", type=int, default=1, show_default=True, help="Images per call.")
-@click.option("--guidance", type=float, default=None, help="Guidance scale (default: the bundle's).")
+@click.option("--batch", type=POSITIVE, default=1, show_default=True, help="Images per call.")
+@click.option("--guidance", type=FINITE_FLOAT, default=None, help="Guidance scale (default: the bundle's).")
 @click.option("--prompt", default="a large red circle on the left", show_default=True)
-@click.option("--runs", type=int, default=3, show_default=True)
-@click.option("--warmup", type=int, default=1, show_default=True)
-@click.option("--threads", type=int, default=0, show_default=True, help="Intra-op threads per backend (0: all cores).")
+@click.option("--runs", type=POSITIVE, default=3, show_default=True)
+@click.option("--warmup", type=NON_NEGATIVE, default=1, show_default=True)
+@click.option("--threads", type=NON_NEGATIVE, default=0, show_default=True, help="Intra-op threads per backend (0: all cores).")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Write the full report as JSON.")
 def command(source, bundle, int8_bundle, backends, steps, size, batch, guidance, prompt, runs, warmup, threads, json_path) -> None:
     """Benchmark SOURCE: the same prompt, size, steps, guidance and initial latents through each backend.
@@ -31,6 +33,8 @@ def command(source, bundle, int8_bundle, backends, steps, size, batch, guidance,
     from latentrt.bench import BenchConfig, run_bench
     from latentrt.errors import InputError
 
+    if json_path:
+        json_path = check_file_output(Path(json_path), inputs={"source": source, "bundle": bundle, "int8 bundle": int8_bundle})
     height = width = None
     if size:
         try:
@@ -55,6 +59,5 @@ def command(source, bundle, int8_bundle, backends, steps, size, batch, guidance,
     report = run_bench(config, progress=lambda msg: click.echo(msg, err=True))
     click.echo(report.to_markdown())
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(report.to_dict(), f, indent=2)
+        save_json(report.to_dict(), json_path)
         click.echo(f"wrote {json_path}")

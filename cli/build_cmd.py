@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from latentrt.cli.format import echo_table
+from latentrt.cli.params import POSITIVE
 
 
 @click.command("build")
@@ -23,7 +24,7 @@ from latentrt.cli.format import echo_table
 @click.option("--text-len", default=None, help="T5 tokens, MIN:OPT:MAX or N.")
 @click.option("--no-cfg", is_flag=True, help="Profiles without the classifier-free-guidance batch doubling.")
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True, help="Builder optimization level.")
-@click.option("--workspace-mb", type=int, default=None, help="Workspace memory pool limit (MiB).")
+@click.option("--workspace-mb", type=POSITIVE, default=None, help="Workspace memory pool limit (MiB, >= 1).")
 @click.option("--timing-cache", type=click.Path(), default=None, help="Timing cache file to reuse (NVIDIA TensorRT).")
 @click.option("--components", default=None, help="Comma-separated components to build (default: all).")
 @click.option("--compute-capability", "ccs", multiple=True, help="TensorRT-RTX target, e.g. 8.6 (repeatable).")

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import json
+from pathlib import Path
 
 import click
 
 from latentrt.cli.format import echo_table
+from latentrt.cli.params import FINITE_FLOAT, POSITIVE, SEED, check_file_output, save_json
 
 
 @click.command("eval")
 @click.argument("bundle", type=click.Path())
 @click.option("--compare", "reference", type=click.Path(), default=None,
               help="A reference bundle (e.g. fp32) to compare BUNDLE's images with, from the same latents (PSNR).")
-@click.option("--steps", type=int, default=None, help="Denoising steps (default 16).")
-@click.option("--guidance", type=float, default=None, help="Guidance scale (default 3.0).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--steps", type=POSITIVE, default=None, help="Denoising steps (default 16).")
+@click.option("--guidance", type=FINITE_FLOAT, default=None, help="Guidance scale (default 3.0).")
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Write the numbers as JSON.")
 def command(bundle, reference, steps, guidance, seed, json_path) -> None:
     """Generate the demo's fixed prompt list (seen and held-out attribute combinations) and score each
@@ -25,7 +26,13 @@ def command(bundle, reference, steps, guidance, seed, json_path) -> None:
     from latentrt.models.demo import evaluate
     from latentrt.models.demo.bundle_eval import evaluate_bundle
 
-    kwargs = dict(steps=steps or evaluate.DEFAULT_STEPS, guidance=evaluate.DEFAULT_GUIDANCE if guidance is None else guidance, seed=seed)
+    if json_path:
+        json_path = check_file_output(Path(json_path), inputs={"bundle": bundle, "reference bundle": reference})
+    kwargs = dict(
+        steps=evaluate.DEFAULT_STEPS if steps is None else steps,
+        guidance=evaluate.DEFAULT_GUIDANCE if guidance is None else guidance,
+        seed=seed,
+    )
     with tqdm(desc="generating", unit="image", leave=False) as bar:
         def progress(done, total):
             bar.total = total
@@ -43,6 +50,5 @@ def command(bundle, reference, steps, guidance, seed, json_path) -> None:
     if reference is not None:
         click.echo(f"PSNR against the reference: mean {result['psnr_db_mean']:.2f} dB, min {min(result['psnr_db']):.2f} dB")
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=2)
+        save_json(result, json_path)
         click.echo(f"wrote {json_path}")

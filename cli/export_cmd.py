@@ -11,7 +11,7 @@ from latentrt.cli.format import echo_table
 @click.argument("source")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Bundle directory to create.")
 @click.option("--opset", default=18, show_default=True, help="ONNX opset (>= 18).")
-@click.option("--max-batch", default=4, show_default=True, help="Most images per call the bundle is validated for.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=4, show_default=True, help="Most images per call the bundle is validated for.")
 @click.option("--max-sequence-length", type=int, default=None,
               help="T5 prompt length (default: the family's, as diffusers: SD3 256, Flux 512, PixArt 120; 0 drops T5 tokens).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,

@@ -7,30 +7,44 @@ from pathlib import Path
 import click
 
 from latentrt.cli.format import echo_table, timing_rows
+from latentrt.cli.params import FINITE_FLOAT, POSITIVE, SEED, check_file_output, image_format, save_image
 
 
 @click.command("generate")
 @click.argument("bundle", type=click.Path())
 @click.option("-p", "--prompt", required=True, multiple=True, help="Prompt (repeat for several).")
-@click.option("-o", "--output", required=True, type=click.Path(), help="PNG path; several images get _0, _1, ... suffixes.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Image path (.png, .jpg, ...); several images get _0, _1, ... suffixes.")
 @click.option("-n", "--negative-prompt", default=None, help="Negative prompt for classifier-free guidance.")
-@click.option("--steps", type=int, default=None, help="Denoising steps (default: the bundle's).")
-@click.option("--guidance", type=float, default=None, help="Guidance scale; <= 1 disables guidance.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--height", type=int, default=None)
-@click.option("--width", type=int, default=None)
-@click.option("--num-images", type=int, default=1, show_default=True, help="Images per prompt.")
+@click.option("--steps", type=POSITIVE, default=None, help="Denoising steps (default: the bundle's).")
+@click.option("--guidance", type=FINITE_FLOAT, default=None, help="Guidance scale; <= 1 disables guidance.")
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--height", type=POSITIVE, default=None)
+@click.option("--width", type=POSITIVE, default=None)
+@click.option("--num-images", type=POSITIVE, default=1, show_default=True, help="Images per prompt.")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
 @click.option("--grid", is_flag=True, help="Write all images into one PNG, each prompt under its image.")
 def command(bundle, prompt, output, negative_prompt, steps, guidance, seed, height, width, num_images, backend, grid) -> None:
-    """Generate images from BUNDLE and print the per-stage timing table."""
+    """Generate images from BUNDLE and print the per-stage timing table.
+
+    Each image is encoded in memory and written atomically: an interrupted run or a full disk
+    leaves no empty or partial file.
+    """
     from tqdm import tqdm
 
     from latentrt.runtime.pipeline import Pipeline
 
+    # The output is checked before the bundle is loaded (its numbered siblings share its folder and format).
+    check_file_output(Path(output), inputs={"bundle": bundle})
+    image_format(Path(output))
     pipe = Pipeline.load(bundle, backend=backend)
-    total = steps or pipe.manifest.defaults.num_inference_steps
-    with tqdm(total=total, desc="denoising", unit="step", leave=False) as bar:
+    bars: list = []  # drawn from the first step on: a refused call prints nothing but its error
+
+    def progress(step: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, desc="denoising", unit="step", leave=False))
+        _advance(bars[0], step)
+
+    try:
         out = pipe(
             list(prompt),
             negative_prompt=negative_prompt,
@@ -40,17 +54,20 @@ def command(bundle, prompt, output, negative_prompt, steps, guidance, seed, heig
             width=width,
             num_images_per_prompt=num_images,
             seed=seed,
-            callback=lambda i, n: _advance(bar, i),
+            callback=progress,
         )
+    finally:
+        for bar in bars:
+            bar.close()
     if grid:
         from latentrt.cli.grid import make_grid
 
         paths = [Path(output)]
-        make_grid(out.images, [p for p in prompt for _ in range(num_images)]).save(paths[0])
+        save_image(make_grid(out.images, [p for p in prompt for _ in range(num_images)]), paths[0])
     else:
         paths = _output_paths(Path(output), len(out.images))
         for image, path in zip(out.images, paths):
-            image.save(path)
+            save_image(image, path)
     echo_table(("stage", "ms"), timing_rows(out.timings))
     for path in paths:
         click.echo(f"wrote {path}")
@@ -59,7 +76,7 @@ def command(bundle, prompt, output, negative_prompt, steps, guidance, seed, heig
 def _output_paths(output: Path, count: int) -> list[Path]:
     if count == 1:
         return [output]
-    return [output.with_name(f"{output.stem}_{i}{output.suffix or '.png'}") for i in range(count)]
+    return [output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(count)]
 
 
 def _advance(bar, step: int) -> None:

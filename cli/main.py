@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import sys
+from collections.abc import Iterator
 
 import click
 
@@ -31,25 +34,70 @@ def _register() -> None:
 _register()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 2 bad input or failed export, 130 interrupted)."""
-    args = sys.argv[1:] if argv is None else list(argv)
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is so that cleanup (`finally`, temporary bundles) runs."""
+
+
+@contextlib.contextmanager
+def _terminate_as_exception() -> Iterator[None]:
+    """Turn the first SIGTERM into `Terminated` for the duration of a command (later ones are ignored
+    while cleanup runs); the previous handler is restored afterwards."""
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
     try:
-        cli.main(args=args, prog_name="latentrt", standalone_mode=False)
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 2 bad input or failed export, 130 interrupted, 143 terminated).
+
+    Every error the user can cause is one line on stderr (`error: ...`); `--debug` shows the traceback.
+    """
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in args
+    try:
+        with _terminate_as_exception():
+            cli.main(args=args, prog_name="latentrt", standalone_mode=False)
     except click.exceptions.Exit as err:
         return err.exit_code
     except click.ClickException as err:
-        err.show()
+        if debug:
+            raise
+        hint = f" (see `latentrt {err.ctx.info_name} --help`)" if isinstance(err, click.UsageError) and err.ctx and err.ctx.parent else ""
+        click.echo(f"error: {err.format_message()}{hint}", err=True)
         return 2
-    except (click.Abort, KeyboardInterrupt):
+    except (click.Abort, KeyboardInterrupt) as err:  # click turns KeyboardInterrupt into Abort
+        if isinstance(err, Terminated) or isinstance(err.__context__, Terminated):
+            click.echo("terminated", err=True)
+            return 143
         click.echo("interrupted", err=True)
         return 130
     except LatentRTError as err:
-        if "--debug" in args:
+        if debug:
             raise
-        click.echo(f"error: {err}", err=True)
+        click.echo(f"error: {_one_line(err)}", err=True)
+        return 2
+    except OSError as err:  # the disk, the file system or permissions: not a bug in latentrt
+        if debug:
+            raise
+        where = f": {err.filename}" if getattr(err, "filename", None) else ""
+        click.echo(f"error: {err.strerror or err}{where}", err=True)
         return 2
     return 0
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 if __name__ == "__main__":

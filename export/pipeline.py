@@ -100,7 +100,8 @@ def export_pipeline(
         >>> export_pipeline("tiny-sd3", "bundles/tiny-sd3")  # doctest: +SKIP
     """
     source_str = str(source)
-    with writing_bundle(output, overwrite=config.overwrite) as tmp:
+    inputs = {"source pipeline": source_str if Path(source_str).exists() else None}
+    with writing_bundle(output, overwrite=config.overwrite, inputs=inputs) as tmp:
         if source_str in PRESETS and not Path(source_str).exists():
             pipeline_dir = save_preset(source_str, tmp / "preset-source")
         elif Path(source_str).is_dir():

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
+import numbers
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +27,10 @@ from latentrt.runtime.tokenizer import PromptTokenizer
 logger = logging.getLogger(__name__)
 
 Backend = Literal["onnxruntime", "tensorrt"]  # runtime/backends/__init__.py: BACKENDS
+
+#: the most denoising steps one call takes (diffusers has no limit; a typo like 10**12 should not
+#: allocate terabytes of timesteps)
+MAX_INFERENCE_STEPS = 10_000
 
 
 @dataclass
@@ -44,6 +52,13 @@ class PipelineOutput:
 class Pipeline:
     """A loaded bundle, ready to generate.
 
+    Thread safety: one `Pipeline` may be called from several threads at once, with different
+    prompts, sizes, step counts or `max_sequence_length`; each call's state is local to it and the
+    shared caches (negative-prompt encodings, tokenizers per length) are guarded by locks. Engines
+    that declare `concurrent_calls = True` (ONNX Runtime: `InferenceSession.run` is thread-safe) run
+    calls concurrently; with any other engine (TensorRT: one stream, preallocated buffers) calls
+    are serialized by a lock, so concurrent callers wait instead of sharing buffers.
+
     Example:
         >>> pipe = Pipeline.load("bundles/tiny-sd3")  # doctest: +SKIP
         >>> out = pipe("a red circle on the left", num_inference_steps=8, seed=0)  # doctest: +SKIP
@@ -61,7 +76,28 @@ class Pipeline:
             for name, spec in manifest.tokenizers.items()
         }
         self.family = FAMILIES[manifest.family](manifest, engines, tokenizers)
+        self._check_bundle()
         self._device_denoiser = None  # built on first use, where the denoiser engine offers a device loop
+        concurrent = all(getattr(engine, "concurrent_calls", False) for engine in engines.values())
+        self._serial = contextlib.nullcontext() if concurrent else threading.Lock()
+
+    def _check_bundle(self) -> None:
+        """What the sampling loop needs from the manifest, checked at load rather than at the first call."""
+        m, where = self.manifest, self.bundle
+        for name in (self.family.denoiser, "vae_decoder"):
+            if name not in m.components or name not in self.engines:
+                raise BundleError(f"{where}: the {m.family} pipeline needs a {name!r} component, the bundle has {', '.join(m.components)}; re-export it")
+        for comp, axes in ((self.family.denoiser, ("batch",)), ("vae_decoder", ("batch", "latent_height", "latent_width"))):
+            missing = [a for a in axes if a not in m.components[comp].axes]
+            if missing:
+                raise BundleError(f"{where}: component {comp!r} has no range for axis {missing[0]!r}; the manifest is corrupt, re-export the bundle")
+        try:
+            latent_h, latent_w = self._latent_size(m.defaults.height, m.defaults.width)
+            self.family.schedule(m.defaults.num_inference_steps, latent_h, latent_w)
+        except InputError as err:
+            raise BundleError(f"{where}: the manifest's defaults or scheduler are not usable ({err}); re-export the bundle") from err
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
+            raise BundleError(f"{where}: the manifest's scheduler block is malformed ({err!r}); re-export the bundle") from err
 
     @classmethod
     def load(
@@ -81,10 +117,23 @@ class Pipeline:
             threads: ONNX Runtime intra-op threads; 0 lets it choose.
             verify: check every ONNX file's sha256 against the manifest first.
         """
+        if not isinstance(bundle, (str, os.PathLike)):
+            raise InputError(f"bundle must be a path (str or os.PathLike), got {type(bundle).__name__}")
+        if not isinstance(backend, str):
+            raise InputError(f"backend must be a str (onnxruntime or tensorrt), got {type(backend).__name__}")
+        if not _is_int(threads) or threads < 0:
+            raise InputError(f"threads must be an integer >= 0 (0 lets ONNX Runtime choose), got {threads!r}")
+        if providers is not None and (isinstance(providers, str) or not all(isinstance(p, str) for p in providers)):
+            raise InputError(f"providers must be a list of ONNX Runtime provider names, got {providers!r}")
         bundle = Path(bundle)
         manifest = load_manifest(bundle, verify=verify)
-        engines = load_engines(backend, bundle, manifest, BackendOptions(providers=providers, threads=threads))
-        return cls(bundle, manifest, engines)
+        engines = load_engines(backend, bundle, manifest, BackendOptions(providers=providers, threads=int(threads)))
+        try:
+            return cls(bundle, manifest, engines)
+        except BaseException:
+            for engine in engines.values():
+                engine.close()
+            raise
 
     def _latent_size(self, height: int, width: int) -> tuple[int, int]:
         vae = self.manifest.latent.vae_scale_factor
@@ -128,54 +177,75 @@ class Pipeline:
                 layout; overrides `seed`, as diffusers' `latents=` does.
             callback: called as `callback(step, num_inference_steps)` after each denoising step
                 (again for each chunk when more images are asked than the bundle's batch range holds).
+
+        Raises:
+            InputError: an argument of the wrong type or out of range (naming it and what is valid),
+                checked before anything is allocated or run.
         """
         start = time.perf_counter()
         d = self.manifest.defaults
-        steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
-        guidance = d.guidance_scale if guidance_scale is None else guidance_scale
-        height = d.height if height is None else height
-        width = d.width if width is None else width
-        seq_len = d.max_sequence_length if max_sequence_length is None else max_sequence_length
-        if steps < 1:
-            raise InputError(f"num_inference_steps must be >= 1, got {steps}")
-        if num_images_per_prompt < 1:
-            raise InputError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise InputError("prompt is empty: pass a string or a non-empty list of strings")
+        steps = d.num_inference_steps if num_inference_steps is None else _int_arg(num_inference_steps, "num_inference_steps", 1, MAX_INFERENCE_STEPS)
+        guidance = d.guidance_scale if guidance_scale is None else _finite_arg(guidance_scale, "guidance_scale")
+        height = d.height if height is None else _int_arg(height, "height", 1)
+        width = d.width if width is None else _int_arg(width, "width", 1)
+        per_prompt = _int_arg(num_images_per_prompt, "num_images_per_prompt", 1)
+        if seed is not None:
+            seed = _int_arg(seed, "seed", 0)
+        if callback is not None and not callable(callback):
+            raise InputError(f"callback must be callable as callback(step, num_inference_steps), got {type(callback).__name__}")
+        prompts = _prompt_list(prompt, "prompt")
+        negatives = None if negative_prompt is None else _prompt_list(negative_prompt, "negative_prompt")
+        if isinstance(negative_prompt, str):
+            negatives = negative_prompt  # one for every prompt
+        seq_len = self._sequence_length(max_sequence_length)
         latent_h, latent_w = self._latent_size(height, width)
-        n = len(prompts) * num_images_per_prompt
+        n = len(prompts) * per_prompt
         family = self.family
         shape = family.latent_shape(n, latent_h, latent_w)
+        _check_memory(n, height, width, shape)
+        schedule = family.schedule(steps, latent_h, latent_w)  # also checks the step count against the scheduler
         cfg = family.uses_cfg(guidance)
         if latents is None:
             latents = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
-        elif latents.shape != shape:
-            raise InputError(f"latents have shape {latents.shape}, expected {shape} for {n} images of {height}x{width}")
-        latents = np.asarray(latents, dtype=np.float32)
-        negatives = _broadcast_negative(negative_prompt, len(prompts)) if cfg and negative_prompt is not None else None
-        texts = _repeat(prompts, num_images_per_prompt)
-        negatives = None if negatives is None else _repeat(negatives, num_images_per_prompt)
+        else:
+            latents = _latents_arg(latents, shape, f"{n} images of {height}x{width}")
+        negatives = _broadcast_negative(negatives, len(prompts)) if cfg and negatives is not None else None
+        texts = _repeat(prompts, per_prompt)
+        negatives = None if negatives is None else _repeat(negatives, per_prompt)
 
         # More images than the exported batch range holds run in consecutive chunks; the latents were
         # drawn up front, so an image does not depend on how the call is split.
         chunk = self._images_per_call(cfg)
         timings: dict = {"text_encoding": 0.0, "denoising_steps": [0.0] * steps, "vae_decode": 0.0}
         pixels = []
-        for lo in range(0, n, chunk):
-            hi = min(n, lo + chunk)
-            pixels.append(
-                self._generate(
-                    texts[lo:hi], None if negatives is None else negatives[lo:hi], latents[lo:hi], timings,
-                    steps=steps, guidance=guidance, cfg=cfg, height=height, width=width, seq_len=seq_len,
-                    callback=callback,
+        with self._serial:
+            for lo in range(0, n, chunk):
+                hi = min(n, lo + chunk)
+                pixels.append(
+                    self._generate(
+                        texts[lo:hi], None if negatives is None else negatives[lo:hi], latents[lo:hi], timings, schedule,
+                        steps=steps, guidance=guidance, cfg=cfg, height=height, width=width, seq_len=seq_len,
+                        callback=callback,
+                    )
                 )
-            )
         pixels = np.concatenate(pixels)
         timings["total"] = time.perf_counter() - start
         return PipelineOutput(images=to_pil(pixels), pixels=pixels, timings=timings)
 
-    def _generate(self, texts, negatives, latents, timings, *, steps, guidance, cfg, height, width, seq_len, callback) -> np.ndarray:
+    def _sequence_length(self, max_sequence_length) -> int:
+        """The call's T5 length: the manifest's default, or a value checked against the bundle's axes."""
+        if max_sequence_length is None:
+            return self.manifest.defaults.max_sequence_length
+        value = _int_arg(max_sequence_length, "max_sequence_length", 0)
+        valid = self.family.sequence_length_range()
+        if valid is not None and not valid[0] <= value <= valid[1]:
+            raise InputError(
+                f"max_sequence_length {value} is outside this bundle's range {valid[0]}..{valid[1]} (its text encoder and "
+                f"denoiser were exported for it); pass a value in that range or re-export with --max-sequence-length"
+            )
+        return value
+
+    def _generate(self, texts, negatives, latents, timings, schedule, *, steps, guidance, cfg, height, width, seq_len, callback) -> np.ndarray:
         """One batch through the three stages; adds its stage times to `timings`."""
         family = self.family
         n = len(texts)
@@ -187,7 +257,6 @@ class Pipeline:
         timings["text_encoding"] += time.perf_counter() - t0
 
         # 2. Denoise.
-        schedule = family.schedule(steps, latent_h, latent_w)
         latents = latents * np.float32(schedule.init_noise_sigma)
         feeds = lambda x, t: family.denoiser_feeds(x, t, cond, guidance)  # noqa: E731
         device_loop = self._device_loop(schedule, latents, feeds)
@@ -261,6 +330,80 @@ class Pipeline:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _int_arg(value, name: str, lo: int, hi: int | None = None) -> int:
+    """`value` as an int in [lo, hi], or an InputError naming the argument."""
+    if not _is_int(value):
+        raise InputError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        bounds = f">= {lo}" if hi is None else f">= {lo} and <= {hi}"
+        raise InputError(f"{name} must be {bounds}, got {value}")
+    return int(value)
+
+
+def _finite_arg(value, name: str) -> float:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise InputError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number, got {value}")
+    return float(value)
+
+
+def _prompt_list(value, name: str) -> list[str]:
+    """One prompt or a non-empty list of them, each a str that encodes to UTF-8."""
+    if isinstance(value, str):
+        items = [value]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+        if not items:
+            raise InputError(f"{name} is an empty list: pass a string or a non-empty list of strings")
+    else:
+        hint = " (decode bytes first: value.decode('utf-8'))" if isinstance(value, (bytes, bytearray)) else ""
+        raise InputError(f"{name} must be a str or a list of str, got {type(value).__name__}{hint}")
+    for i, item in enumerate(items):
+        where = name if isinstance(value, str) else f"{name}[{i}]"
+        if not isinstance(item, str):
+            raise InputError(f"{where} must be a str, got {type(item).__name__} {item!r}; every prompt must be text")
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise InputError(
+                f"{where} is not valid text: it holds a lone surrogate {item[err.start]!r} at index {err.start}; "
+                "pass text that encodes to UTF-8"
+            ) from None
+    return items
+
+
+def _latents_arg(latents, shape: tuple[int, ...], what: str) -> np.ndarray:
+    if not isinstance(latents, np.ndarray):
+        raise InputError(f"latents must be a numpy array of shape {shape}, got {type(latents).__name__}; wrap it with np.asarray")
+    if latents.shape != shape:
+        raise InputError(f"latents have shape {latents.shape}, expected {shape} for {what}")
+    if not np.issubdtype(latents.dtype, np.floating):
+        raise InputError(f"latents must be floating point (float32), got dtype {latents.dtype}")
+    latents = np.asarray(latents, dtype=np.float32)
+    if not np.isfinite(latents).all():
+        raise InputError(f"latents hold {int((~np.isfinite(latents)).sum())} NaN or infinite values; pass finite numbers")
+    return latents
+
+
+def _check_memory(n: int, height: int, width: int, latent_shape: tuple[int, ...]) -> None:
+    """Refuse a call whose outputs alone would not fit in this machine's memory (before allocating)."""
+    need = n * height * width * 3 * (4 + 1) + 2 * 4 * math.prod(latent_shape)  # float pixels, 8-bit images, latents
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return
+    if need > total:
+        raise InputError(
+            f"{n} images of {height}x{width} need at least {need / 2**30:.1f} GiB for their pixels alone, more than this "
+            f"machine's {total / 2**30:.1f} GiB of memory; ask for fewer images per call (num_images_per_prompt, prompts)"
+        )
 
 
 def _repeat(items: list[str], times: int) -> list[str]:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 import numpy as np
+
+from latentrt.errors import BundleError
 
 logger = logging.getLogger(__name__)
 
@@ -16,16 +19,24 @@ class PromptTokenizer:
     Prompts are padded to the length with `pad_id` and truncated to it (special tokens kept), as
     transformers does with `padding="max_length", truncation=True`. Truncation logs a warning with
     the dropped text, as diffusers does.
+
+    Safe to call from several threads: the truncating tokenizer of each length is its own object,
+    made once under a lock and never reconfigured afterwards (a shared one reconfigured per call
+    raised "Already borrowed" or truncated one thread's prompts to another thread's length).
     """
 
     def __init__(self, path: str | os.PathLike, *, max_length: int, pad_id: int) -> None:
         from tokenizers import Tokenizer
 
-        self._full = Tokenizer.from_file(str(path))
+        try:
+            self._full = Tokenizer.from_file(str(path))
+        except Exception as err:  # tokenizers raises its own exception types
+            raise BundleError(f"{path} is not a valid tokenizer.json ({err}); the bundle is corrupt, re-export it") from err
         self._full.no_padding()
         self._full.no_truncation()
-        self._truncating = Tokenizer.from_file(str(path))
-        self._truncating.no_padding()
+        self._json = self._full.to_str()
+        self._truncating: dict[int, object] = {}  # length -> Tokenizer truncating to it
+        self._lock = threading.Lock()
         self.max_length = max_length
         self.pad_id = pad_id
 
@@ -40,8 +51,8 @@ class PromptTokenizer:
         mask = np.zeros((len(prompts), length), dtype=np.int64)
         if length == 0:
             return ids, mask
-        self._truncating.enable_truncation(length)
-        for row, (full, cut) in enumerate(zip(self._full.encode_batch(prompts), self._truncating.encode_batch(prompts))):
+        truncating = self._truncating_to(length)
+        for row, (full, cut) in enumerate(zip(self._full.encode_batch(prompts), truncating.encode_batch(prompts))):
             if len(full.ids) > length:
                 tail = sum(1 for _ in _trailing(full.special_tokens_mask))
                 dropped = self._full.decode(full.ids[len(cut.ids) - tail : len(full.ids) - tail])
@@ -49,6 +60,18 @@ class PromptTokenizer:
             ids[row, : len(cut.ids)] = cut.ids
             mask[row, : len(cut.ids)] = 1
         return ids, mask
+
+    def _truncating_to(self, length: int):
+        with self._lock:
+            tokenizer = self._truncating.get(length)
+            if tokenizer is None:
+                from tokenizers import Tokenizer
+
+                tokenizer = Tokenizer.from_str(self._json)
+                tokenizer.no_padding()
+                tokenizer.enable_truncation(length)
+                self._truncating[length] = tokenizer
+            return tokenizer
 
 
 def _trailing(mask: list[int]):

@@ -55,7 +55,7 @@ def test_generate_rejects_bad_size_and_steps(tiny_sd3_bundle, tmp_path, capsys):
     assert main(["generate", str(tiny_sd3_bundle), "-p", "x", "-o", str(tmp_path / "x.png"), "--height", "100"]) == 2
     assert "nearest valid height is 96" in capsys.readouterr().err
     assert main(["generate", str(tiny_sd3_bundle), "-p", "x", "-o", str(tmp_path / "x.png"), "--steps", "0"]) == 2
-    assert "num_inference_steps must be >= 1" in capsys.readouterr().err
+    assert "--steps': 0 is not in the range x>=1" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
 
 

@@ -43,13 +43,16 @@ class Flux(Family):
     """
 
     def setup(self, cond: dict) -> None:
-        self.clip = tuple(cond["clip_encoder"])
-        self.t5 = tuple(cond["t5_encoder"])
+        self.clip = self.require(*cond["clip_encoder"])
+        self.t5 = self.require(*cond["t5_encoder"])
         self.guidance_embeds = bool(cond["guidance_embeds"])
         self.flow = FlowMatchEulerConfig.from_diffusers(self.manifest.scheduler["config"])
 
     def uses_cfg(self, guidance_scale: float) -> bool:
         return False
+
+    def sequence_length_range(self) -> tuple[int, int] | None:
+        return self.text_length_range((self.t5[0], "input_ids", 1), (self.denoiser, "encoder_hidden_states", 1))
 
     def latent_shape(self, n: int, latent_height: int, latent_width: int) -> tuple[int, ...]:
         return (n, (latent_height // 2) * (latent_width // 2), self.manifest.latent.channels * 4)

@@ -17,9 +17,12 @@ class PixArt(Family):
     """
 
     def setup(self, cond: dict) -> None:
-        self.t5 = tuple(cond["t5_encoder"])
+        self.t5 = self.require(*cond["t5_encoder"])
         self.learned_sigma = bool(cond["learned_sigma"])
         self.resolution = bool(cond["resolution_conditioning"])
+
+    def sequence_length_range(self) -> tuple[int, int] | None:
+        return self.text_length_range((self.t5[0], "input_ids", 1), (self.denoiser, "encoder_hidden_states", 1))
 
     def conditioning(self, prompts, negatives, *, cfg, height, width, max_sequence_length) -> dict[str, np.ndarray]:
         text = (negatives or [""] * len(prompts)) + prompts if cfg else prompts

@@ -22,8 +22,8 @@ class SD3(Family):
     """
 
     def setup(self, cond: dict) -> None:
-        self.clip = [tuple(pair) for pair in cond["clip_encoders"]]
-        self.t5 = tuple(cond["t5_encoder"]) if cond["t5_encoder"] else None
+        self.clip = [self.require(*pair) for pair in cond["clip_encoders"]]
+        self.t5 = self.require(*cond["t5_encoder"]) if cond["t5_encoder"] else None
         self.joint_dim = int(cond["joint_attention_dim"])
         self.patch = int(cond["patch_size"])
         self.flow = FlowMatchEulerConfig.from_diffusers(self.manifest.scheduler["config"])
@@ -47,6 +47,15 @@ class SD3(Family):
             "encoder_hidden_states": np.concatenate([clip, t5], axis=1),
             "pooled_projections": np.concatenate(pooled, axis=-1),
         }
+
+    def sequence_length_range(self) -> tuple[int, int] | None:
+        """T5 tokens L: the denoiser's context holds the CLIP tokens + L (L = 0: no T5 tokens)."""
+        clip = max(self.manifest.tokenizers[tokenizer].max_length for _, tokenizer in self.clip)
+        context = self.text_length_range((self.denoiser, "encoder_hidden_states", 1), offset=clip)
+        t5 = self.input_axis(self.t5[0], "input_ids", 1) if self.t5 else None
+        if context is None or t5 is None:
+            return context
+        return context[0], min(context[1], t5.max)
 
     def schedule(self, num_inference_steps: int, latent_height: int, latent_width: int) -> Schedule:
         mu = None

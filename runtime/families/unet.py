@@ -18,7 +18,7 @@ class StableDiffusion(Family):
     denoiser = "unet"
 
     def setup(self, cond: dict) -> None:
-        self.text_encoders = [tuple(pair) for pair in cond["text_encoders"]]
+        self.text_encoders = [self.require(*pair) for pair in cond["text_encoders"]]
         self.hidden_state = str(cond["hidden_state"])
 
     def encode_text(self, text: list[str], negatives: int = 0) -> tuple[np.ndarray, dict[str, dict[str, np.ndarray]]]:
@@ -58,6 +58,7 @@ class StableDiffusionXL(StableDiffusion):
     def setup(self, cond: dict) -> None:
         super().setup(cond)
         self.pooled = tuple(cond["pooled"])
+        self.require(self.pooled[0])
         self.force_zeros = bool(cond["force_zeros_for_empty_prompt"])
 
     def conditioning(self, prompts, negatives, *, cfg, height, width, max_sequence_length) -> dict[str, np.ndarray]:

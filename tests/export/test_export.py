@@ -71,9 +71,10 @@ def test_output_is_a_file(tiny_sd3_dir, tmp_path):
 def test_unknown_source(tmp_path):
     with pytest.raises(InputError, match="neither a built-in preset .*tiny-sd3.* nor a pipeline directory"):
         export_pipeline("tiny-nothing", tmp_path / "b")
+    (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="has no model_index.json"):
-        export_pipeline(tmp_path, tmp_path / "b")
-    assert _leftovers(tmp_path) == []
+        export_pipeline(tmp_path / "empty", tmp_path / "b")
+    assert _leftovers(tmp_path) == ["empty"]
 
 
 @pytest.fixture

@@ -36,12 +36,17 @@ def _shared_cpu_arena() -> None:
 class OnnxRuntimeEngine:
     """Runs one ONNX model: `engine({name: ndarray}) -> {name: ndarray}`.
 
+    Calls may come from several threads at once (`InferenceSession.run` is thread-safe), hence
+    `concurrent_calls = True` for the pipeline.
+
     Args:
         path: the .onnx file (external data next to it is found by ONNX Runtime).
         inputs, outputs: the manifest's tensor specs; feeds are checked against them.
         providers: ONNX Runtime execution providers, CPU by default.
         threads: intra-op threads (0 lets ONNX Runtime choose: one per physical core).
     """
+
+    concurrent_calls = True
 
     def __init__(
         self,
@@ -78,8 +83,8 @@ class OnnxRuntimeEngine:
             options.add_session_config_entry("session.disable_quant_qdq", "1")
         # ONNX Runtime may map the copy's data file: on Linux it can go at once, elsewhere it may have to wait.
         with tempfile.TemporaryDirectory(prefix="latentrt-", ignore_cleanup_errors=True) as scratch:
-            rewritten = rewritten_for_onnx_runtime(path, scratch, int8_kernels=int8_kernels) if cpu else None
             try:
+                rewritten = rewritten_for_onnx_runtime(path, scratch, int8_kernels=int8_kernels) if cpu else None
                 self._session = ort.InferenceSession(str(rewritten or path), options, providers=list(providers))
             except Exception as err:  # onnxruntime raises its own exception types
                 raise BundleError(f"ONNX Runtime could not load {path}: {err}") from err

@@ -372,7 +372,9 @@ def rewritten_for_onnx_runtime(path: str | os.PathLike, scratch: str | os.PathLi
     modulations = fuse_modulations(model)
     if not attention and not int8 and not modulations:
         return None
-    out = Path(tempfile.mkstemp(suffix=".onnx", dir=scratch)[1])
+    fd, name = tempfile.mkstemp(suffix=".onnx", dir=scratch)
+    os.close(fd)  # only the name is needed: an fd left open here outlived the deleted file, one per load
+    out = Path(name)
     # Tensor by tensor into a data file: no second in-memory copy of the weights while writing.
     onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True, location=out.name + ".data")
     log.debug(
