@@ -113,6 +113,11 @@ class RequestParser:
         self.vae_scale = manifest.latent.vae_scale_factor
         axes = manifest.components["vae_decoder"].axes  # NCHW latents in every family
         self.size_axes = {"height": axes["latent_height"], "width": axes["latent_width"]}
+        if self.defaults.num_inference_steps > limits.max_steps:
+            raise InputError(
+                f"the bundle's default of {self.defaults.num_inference_steps} steps is above max_steps {limits.max_steps}: "
+                f"requests without num_inference_steps would all fail; raise max_steps (--max-steps)"
+            )
 
     def parse(self, tensors: Mapping[str, np.ndarray | None]) -> list[Row]:
         """`{input name: array [n, 1] or None}` -> n rows; raises InputError naming the bad input."""

@@ -228,9 +228,9 @@ curl -s localhost:8002/metrics | grep nv_inference_request_success              
 - **Within a node**: raise `count` in `instance_group` (each instance is its own process with its own
   pipeline{"; for GPU instances, one group per GPU, e.g. `gpus: [0, 1]`" if config.backend == "tensorrt" else ""}) and
   `max_batch_size` / `max_queue_delay_microseconds` to trade latency for throughput.
-- **Across nodes**: run N identical replicas of this repository (same files on each, e.g. baked into
-  an image or mounted from object storage with `--model-repository s3://...`) behind a load
-  balancer: the model keeps no state between requests, so any replica can take any request. Use
+- **Across nodes**: run N identical replicas behind a load balancer (the same repository on each,
+  baked into an image or read from object storage with `--model-repository s3://...`): the model
+  keeps no state between requests, so any replica can take any request. Use
   `/v2/health/ready` as the readiness probe and `/v2/health/live` as the liveness probe, and scrape
   `:8002/metrics` (`nv_inference_queue_duration_us` rising is the signal to add replicas).
 - **KServe**: an `InferenceService` with the Triton runtime serves this repository as is:

@@ -16,13 +16,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def free_ports(count: int) -> list[int]:
+def _free_ports(count: int) -> list[int]:
     """Ports free on 127.0.0.1 now (bound together, so they differ)."""
     with contextlib.ExitStack() as stack:
         sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
         for s in sockets:
             s.bind(("127.0.0.1", 0))
         return [s.getsockname()[1] for s in sockets]
+
+
+@pytest.fixture(scope="session")
+def free_ports():
+    """`free_ports(n)`: n ports free on 127.0.0.1 now."""
+    return _free_ports
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +60,7 @@ class ServeProcess:
     """`latentrt serve` in a subprocess; `urls` once ready."""
 
     def __init__(self, bundle, env, *args: str, model: str = "latentrt") -> None:
-        self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
+        self.http_port, self.grpc_port, self.metrics_port = _free_ports(3)
         self.model = model
         cmd = [
             sys.executable, "-m", "latentrt.cli.main", "serve", str(bundle), "--python-env", str(env.prefix), "--model-name", model,
@@ -93,6 +99,12 @@ class ServeProcess:
             self.process.kill()
             out, _ = self.process.communicate()
         return self.process.returncode, out
+
+
+@pytest.fixture(scope="session")
+def start_serve():
+    """`start_serve(bundle, env, *args)`: `latentrt serve` in a subprocess (call `.wait_ready()`, `.stop()`)."""
+    return ServeProcess
 
 
 @pytest.fixture(scope="package")

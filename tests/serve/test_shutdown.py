@@ -1,0 +1,63 @@
+"""`latentrt serve` stops cleanly on SIGTERM: exit 0, no process left, ports and workspace freed."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(proc.name))
+            except OSError:  # gone meanwhile
+                pass
+    return found
+
+
+def _bindable(port: int) -> bool:
+    """Whether a new server can listen on `port` (SO_REUSEADDR, as servers bind: connections the old
+    server closed may linger in TIME_WAIT, a listener may not)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc to list the server's processes")
+def test_sigterm_stops_server_and_stubs(tiny_sd3_bundle, serve_env, start_serve, infer):
+    server = start_serve(tiny_sd3_bundle, serve_env, "--instances", "2", "--max-steps", "30").wait_ready()
+    banner = server.process.stdout.readline()
+    workspace = re.search(r"log (\S+)/tritonserver.log", banner).group(1)
+    infer(server.http, "latentrt", {"prompt": ["a red cat"], "num_inference_steps": [1], "height": [64], "width": [64]})
+    running = _processes_mentioning(workspace)
+    assert len(running) == 3, f"expected tritonserver and 2 stubs, found {running}"  # one stub process per instance
+    server.process.send_signal(signal.SIGTERM)
+    code, out = server.stop(timeout=60)
+    assert code == 0 and out.strip().endswith("stopped"), out
+    assert _processes_mentioning(workspace) == []
+    assert not Path(workspace).exists()
+    assert all(_bindable(p) for p in (server.http_port, server.grpc_port, server.metrics_port))
+
+
+def test_busy_port_is_one_line_error(tiny_sd3_bundle, serve_env, capsys):
+    from latentrt.cli.main import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        code = main(["serve", str(tiny_sd3_bundle), "--python-env", str(serve_env.prefix), "--http-port", str(busy), "--grpc-port", "1", "--metrics-port", "2"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(rf"error: the HTTP port {busy} on 127.0.0.1 is in use; pick another \(--http-port\)", err), err
