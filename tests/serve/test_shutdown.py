@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import signal
 import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -36,13 +38,24 @@ def _bindable(port: int) -> bool:
 
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc to list the server's processes")
 def test_sigterm_stops_server_and_stubs(tiny_sd3_bundle, serve_env, start_serve, infer):
-    server = start_serve(tiny_sd3_bundle, serve_env, "--instances", "2", "--max-steps", "30").wait_ready()
+    server = start_serve(tiny_sd3_bundle, serve_env, "--instances", "2", "--max-steps", "200").wait_ready()
     banner = server.process.stdout.readline()
     workspace = re.search(r"log (\S+)/tritonserver.log", banner).group(1)
     infer(server.http, "latentrt", {"prompt": ["a red cat"], "num_inference_steps": [1], "height": [64], "width": [64]})
     running = _processes_mentioning(workspace)
     assert len(running) == 3, f"expected tritonserver and 2 stubs, found {running}"  # one stub process per instance
-    server.process.send_signal(signal.SIGTERM)
+    def slow_request():
+        result = infer(server.http, "latentrt", {"prompt": ["a blue dog"], "seed": [1], "num_inference_steps": [150]})
+        return result, time.monotonic()
+
+    with ThreadPoolExecutor(1) as pool:  # a request in flight when SIGTERM arrives finishes
+        slow = pool.submit(slow_request)
+        time.sleep(1.0)
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        (images, timings), answered = slow.result(timeout=120)
+    assert answered > signalled, "the request was not in flight when SIGTERM arrived; make it slower"
+    assert images.shape == (1, 128, 128, 3) and timings[0]["num_inference_steps"] == 150
     code, out = server.stop(timeout=60)
     assert code == 0 and out.strip().endswith("stopped"), out
     assert _processes_mentioning(workspace) == []

@@ -1,0 +1,151 @@
+"""Load on `latentrt serve` (the real tritonserver): throughput and latency with 1, 4 and 16 concurrent
+clients, dynamic batching against `--max-batch 1`, and the server's memory over a long run.
+
+    python benchmarks/serve_load.py BUNDLE [--requests 64] [--concurrency 1,4,16] [--soak 500] [--json FILE]
+
+BUNDLE is the demo bundle (`make demo` writes out/demo-bundle). Every request is one image of the demo's
+default size with a distinct prompt and seed (16 steps, guidance 3.0, as `make demo`); clients are
+threads of this process, each with its own tritonclient HTTP connection (binary tensors). For each server
+set-up (the default batching, then `--max-batch 1`), a warm-up of 8 requests, then `--requests` requests at
+each concurrency. The server's RSS (tritonserver and its stub processes, summed) is read after the
+warm-up and after `--soak` more requests at concurrency 4. Prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from latentrt.serve.repository import ModelConfig
+from latentrt.serve.server import ServerConfig, TritonServer, port_free
+
+PROMPTS = [f"a {size} {colour} {shape} {where}" for size in ("large", "small") for colour in ("red", "blue", "green", "yellow")
+           for shape in ("circle", "square", "triangle") for where in ("on the left", "at the top", "in the centre")]
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def server_rss_mb(server: TritonServer) -> float:
+    """RSS of tritonserver and every process it started (its stubs), in MB."""
+    total = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            status = (proc / "status").read_text()
+            if int(proc.name) == server.process.pid or f"PPid:\t{server.process.pid}\n" in status:
+                total += int(next(l for l in status.splitlines() if l.startswith("VmRSS:")).split()[1])
+        except (OSError, StopIteration):
+            continue
+    return total / 1024
+
+
+class Load:
+    def __init__(self, url: str, steps: int, guidance: float) -> None:
+        self.url, self.steps, self.guidance = url, steps, guidance
+        self.local = threading.local()
+        self.counter = 0
+        self.lock = threading.Lock()
+
+    def one(self, _=None) -> tuple[float, int]:
+        import tritonclient.http as client
+
+        if not hasattr(self.local, "client"):
+            self.local.client = client.InferenceServerClient(self.url, connection_timeout=300, network_timeout=300)
+        with self.lock:
+            i = self.counter
+            self.counter += 1
+        rows = {"prompt": (np.array([[PROMPTS[i % len(PROMPTS)].encode()]], dtype=object), "BYTES"),
+                "seed": (np.array([[i]], np.int64), "INT64"), "num_inference_steps": (np.array([[self.steps]], np.int32), "INT32"),
+                "guidance_scale": (np.array([[self.guidance]], np.float32), "FP32")}
+        inputs = []
+        for name, (value, datatype) in rows.items():
+            t = client.InferInput(name, list(value.shape), datatype)
+            t.set_data_from_numpy(value)
+            inputs.append(t)
+        start = time.perf_counter()
+        result = self.local.client.infer("latentrt", inputs, outputs=[client.InferRequestedOutput("image"), client.InferRequestedOutput("timings", binary_data=False)])
+        latency = time.perf_counter() - start
+        return latency, json.loads(result.as_numpy("timings")[0, 0])["batch_size"]
+
+    def run(self, requests: int, concurrency: int) -> dict:
+        start = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            results = list(pool.map(self.one, range(requests)))
+        wall = time.perf_counter() - start
+        latencies = sorted(r[0] for r in results)
+        return {
+            "concurrency": concurrency, "requests": requests, "seconds": wall, "images_per_s": requests / wall,
+            "p50_ms": 1e3 * statistics.median(latencies), "p99_ms": 1e3 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+            "mean_batch": statistics.mean(r[1] for r in results),
+        }
+
+
+def free_ports() -> tuple[int, int, int]:
+    port = 18500
+    while not all(port_free("127.0.0.1", port + k) for k in range(3)):
+        port += 3
+    return port, port + 1, port + 2
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--soak", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    report = {"machine": f"{cpu_model()}, {__import__('os').cpu_count()} cores", "steps": args.steps, "setups": {}}
+    for label, max_batch in (("dynamic batching", None), ("--max-batch 1", 1)):
+        http, grpc, metrics = free_ports()
+        model = ModelConfig(max_batch=max_batch)
+        with TritonServer.for_bundle(args.bundle, model, ServerConfig(http_port=http, grpc_port=grpc, metrics_port=metrics)) as server:
+            load = Load(f"127.0.0.1:{http}", args.steps, args.guidance)
+            load.run(8, 4)  # warm-up: first calls of each shape
+            rows = [load.run(args.requests, c) for c in levels]
+            setup = {"max_batch": server.max_batch_size, "rows": rows}
+            if max_batch is None and args.soak:
+                before = server_rss_mb(server)
+                soak = load.run(args.soak, 4)
+                after = server_rss_mb(server)
+                setup["soak"] = {"requests": args.soak, "rss_before_mb": before, "rss_after_mb": after,
+                                 "growth_pct": 100 * (after - before) / before, "images_per_s": soak["images_per_s"]}
+            report["setups"][label] = setup
+    print(f"\n{report['machine']}; demo bundle, {args.steps} steps, one image per request, {args.requests} requests per row\n")
+    print("| server | clients | images/s | p50 latency | p99 latency | mean batch |")
+    print("|---|---|---|---|---|---|")
+    for label, setup in report["setups"].items():
+        for r in setup["rows"]:
+            print(f"| {label} (max {setup['max_batch']}) | {r['concurrency']} | {r['images_per_s']:.1f} | {r['p50_ms']:.0f} ms | {r['p99_ms']:.0f} ms | {r['mean_batch']:.2f} |")
+    batched, single = (report["setups"][k]["rows"] for k in ("dynamic batching", "--max-batch 1"))
+    print("\n| clients | gain of dynamic batching (images/s) |\n|---|---|")
+    for b, s in zip(batched, single):
+        print(f"| {b['concurrency']} | {b['images_per_s'] / s['images_per_s']:.2f}x |")
+    soak = report["setups"]["dynamic batching"].get("soak")
+    if soak:
+        print(f"\nserver RSS: {soak['rss_before_mb']:.0f} MB after warm-up, {soak['rss_after_mb']:.0f} MB after {soak['requests']} more "
+              f"requests ({soak['growth_pct']:+.1f}%)")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
