@@ -42,9 +42,9 @@ def command(bundle, backend, model_name, host, http_port, grpc_port, metrics_por
     )
     config = ServerConfig(host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                           startup_timeout_s=startup_timeout, log_info=log_info)
+    server = TritonServer.for_bundle(bundle, model, config, python_env=python_env, tritonserver=tritonserver)
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
-    server = TritonServer.for_bundle(bundle, model, config, python_env=python_env, tritonserver=tritonserver)
     try:
         server.start()
         click.echo(

@@ -24,7 +24,7 @@ from latentrt.bundle.manifest import Manifest, load_manifest
 from latentrt.bundle.writer import writing_bundle
 from latentrt.errors import InputError
 from latentrt.runtime.families import FAMILIES
-from latentrt.serve.batch import INPUTS, OUTPUTS, REQUIRED, Limits
+from latentrt.serve.batch import INPUTS, OUTPUTS, REQUIRED, Limits, RequestParser
 
 Backend = Literal["onnxruntime", "tensorrt"]
 _TRITON_TYPES = {"BYTES": "TYPE_STRING", "INT64": "TYPE_INT64", "INT32": "TYPE_INT32", "FP32": "TYPE_FP32", "UINT8": "TYPE_UINT8"}
@@ -151,6 +151,7 @@ def checked_manifest(bundle: str | os.PathLike, config: ModelConfig) -> Manifest
     """The bundle's manifest (files verified), and its engines when `config` serves them with TensorRT."""
     bundle = Path(bundle)
     manifest = load_manifest(bundle)  # checks the schema and every file's sha256
+    RequestParser(manifest, Limits(config.max_steps, config.max_prompt_bytes))  # the defaults within the limits
     if config.backend == "tensorrt" and not any((bundle / "engines").glob("*.engine")):
         raise InputError(f"{bundle} has no TensorRT engines; build them first (`latentrt build {bundle}`) or serve with --backend onnxruntime")
     return manifest

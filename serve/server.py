@@ -387,11 +387,14 @@ class TritonServer:
         return code
 
     def log_tail(self, lines: int = 30) -> str:
+        """The log's errors (Triton's `E...` lines and `error:` lines), else its last `lines` lines."""
         try:
-            text = self.log_path.read_text(errors="replace")
+            text = self.log_path.read_text(errors="replace").splitlines()
         except OSError:
             return ""
-        return "\n".join(text.splitlines()[-lines:])
+        noise = ("CudaDriverHelper", "NVML", "DCGM", "pinned memory")  # a CPU-only machine's usual complaints
+        errors = [line for line in text if (line.startswith("E") or line.startswith("error:")) and not any(n in line for n in noise)]
+        return "\n".join((errors or text)[-lines:])
 
     def _cleanup(self) -> None:
         if self._own_workspace:

@@ -1,4 +1,4 @@
-"""`latentrt serve` stops cleanly on SIGTERM: exit 0, no process left, ports and workspace freed."""
+"""`latentrt serve` starting and stopping: SIGTERM (exit 0, no process left, ports and workspace freed), refusals before start, load failures reported."""
 
 from __future__ import annotations
 
@@ -74,3 +74,34 @@ def test_busy_port_is_one_line_error(tiny_sd3_bundle, serve_env, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert re.fullmatch(rf"error: the HTTP port {busy} on 127.0.0.1 is in use; pick another \(--http-port\)", err), err
+
+
+def test_limits_below_the_bundles_defaults_are_refused_before_starting(tiny_sd3_bundle, serve_env, capsys):
+    from latentrt.cli.main import main
+
+    assert main(["serve", str(tiny_sd3_bundle), "--python-env", str(serve_env.prefix), "--max-steps", "10"]) == 2
+    assert "the bundle's default of 28 steps is above max_steps 10" in capsys.readouterr().err
+
+
+def test_a_stub_that_cannot_read_numpy_2_refuses_to_load(tiny_sd3_bundle, serve_env, free_ports):
+    """The model's own guard, for tritonservers started without `latentrt serve`'s environment checks:
+    the main environment (NumPy 2) given to the NumPy-1 stub as if it could serve."""
+    import dataclasses
+    import sys
+
+    import numpy as np
+
+    from latentrt.errors import LatentRTError
+    from latentrt.serve.repository import ModelConfig
+    from latentrt.serve.server import ServerConfig, TritonServer
+
+    if int(np.__version__.split(".")[0]) < 2:
+        pytest.skip(f"this environment has NumPy {np.__version__}: the stub reads it")
+    here = dataclasses.replace(serve_env, prefix=Path(sys.prefix), bin=Path(sys.executable).parent, numpy=np.__version__)
+    http, grpc, metrics = free_ports(3)
+    server = TritonServer.for_bundle(tiny_sd3_bundle, ModelConfig(), ServerConfig(http_port=http, grpc_port=grpc, metrics_port=metrics), python_env=here)
+    with pytest.raises(LatentRTError) as err:
+        server.start()
+    assert "tritonserver exited with code 1 while starting" in str(err.value)
+    assert f"Python-backend stub was built for NumPy 1.x and misreads this environment's NumPy {np.__version__} arrays: install numpy<2" in str(err.value)
+    assert not server.workspace.exists() and not server.running()
