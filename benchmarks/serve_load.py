@@ -5,16 +5,20 @@ clients, dynamic batching against `--max-batch 1`, and the server's memory over 
 
 BUNDLE is the demo bundle (`make demo` writes out/demo-bundle). Every request is one image of the demo's
 default size with a distinct prompt and seed (16 steps, guidance 3.0, as `make demo`); clients are
-threads of this process, each with its own tritonclient HTTP connection (binary tensors). For each server
-set-up (the default batching, then `--max-batch 1`), a warm-up of 8 requests, then `--requests` requests at
-each concurrency. The server's RSS (tritonserver and its stub processes, summed) is read after the
-warm-up and after `--soak` more requests at concurrency 4. Prints markdown tables.
+threads of this process, each with its own tritonclient HTTP connection (binary tensors). Two servers run
+side by side, the default dynamic batching and `--max-batch 1`, each warmed up with 8 requests; at each
+concurrency they take turns in `--rounds` rounds of `--requests / --rounds` requests (at least two per
+client), so that the machine's speed drifting during the run weighs on both alike. The batching server's
+RSS (tritonserver and its stub processes, summed) is read before and after `--soak` more requests at
+concurrency 4. Prints markdown tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import statistics
 import threading
@@ -85,13 +89,21 @@ class Load:
         start = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool:
             results = list(pool.map(self.one, range(requests)))
-        wall = time.perf_counter() - start
-        latencies = sorted(r[0] for r in results)
-        return {
-            "concurrency": concurrency, "requests": requests, "seconds": wall, "images_per_s": requests / wall,
-            "p50_ms": 1e3 * statistics.median(latencies), "p99_ms": 1e3 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
-            "mean_batch": statistics.mean(r[1] for r in results),
-        }
+        return summary(concurrency, time.perf_counter() - start, [r[0] for r in results], [r[1] for r in results])
+
+
+def summary(concurrency: int, seconds: float, latencies: list[float], batches: list[int]) -> dict:
+    latencies = sorted(latencies)
+    return {
+        "concurrency": concurrency, "requests": len(latencies), "seconds": seconds, "images_per_s": len(latencies) / seconds,
+        "p50_ms": 1e3 * statistics.median(latencies), "p99_ms": 1e3 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        "mean_batch": statistics.mean(batches), "latencies": latencies, "batches": batches,
+    }
+
+
+def merge(runs: list[dict]) -> dict:
+    return summary(runs[0]["concurrency"], sum(r["seconds"] for r in runs), [x for r in runs for x in r["latencies"]],
+                   [x for r in runs for x in r["batches"]])
 
 
 def free_ports() -> tuple[int, int, int]:
@@ -109,26 +121,41 @@ def main() -> int:
     parser.add_argument("--soak", type=int, default=500)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=4, help="Turns each server takes per concurrency level.")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
-    report = {"machine": f"{cpu_model()}, {__import__('os').cpu_count()} cores", "steps": args.steps, "setups": {}}
-    for label, max_batch in (("dynamic batching", None), ("--max-batch 1", 1)):
-        http, grpc, metrics = free_ports()
-        model = ModelConfig(max_batch=max_batch)
-        with TritonServer.for_bundle(args.bundle, model, ServerConfig(http_port=http, grpc_port=grpc, metrics_port=metrics)) as server:
-            load = Load(f"127.0.0.1:{http}", args.steps, args.guidance)
-            load.run(8, 4)  # warm-up: first calls of each shape
-            rows = [load.run(args.requests, c) for c in levels]
-            setup = {"max_batch": server.max_batch_size, "rows": rows}
-            if max_batch is None and args.soak:
-                before = server_rss_mb(server)
-                soak = load.run(args.soak, 4)
-                after = server_rss_mb(server)
-                setup["soak"] = {"requests": args.soak, "rss_before_mb": before, "rss_after_mb": after,
-                                 "growth_pct": 100 * (after - before) / before, "images_per_s": soak["images_per_s"]}
-            report["setups"][label] = setup
-    print(f"\n{report['machine']}; demo bundle, {args.steps} steps, one image per request, {args.requests} requests per row\n")
+    report = {"machine": f"{cpu_model()}, {os.cpu_count()} cores", "steps": args.steps, "load_average_before": os.getloadavg(), "setups": {}}
+    setups = {"dynamic batching": None, "--max-batch 1": 1}
+    with contextlib.ExitStack() as stack:
+        servers, loads = {}, {}
+        for label, max_batch in setups.items():
+            http, grpc, metrics = free_ports()
+            config = ServerConfig(http_port=http, grpc_port=grpc, metrics_port=metrics)
+            servers[label] = stack.enter_context(TritonServer.for_bundle(args.bundle, ModelConfig(max_batch=max_batch), config))
+            loads[label] = Load(f"127.0.0.1:{http}", args.steps, args.guidance)
+            loads[label].run(8, 4)  # warm-up: the first calls of each batch size
+            report["setups"][label] = {"max_batch": servers[label].max_batch_size, "rows": []}
+        # The two servers take turns (idle, one costs nothing), in rounds, so that a change in the
+        # machine's speed during the run weighs on both alike.
+        for c in levels:
+            parts = {label: [] for label in setups}
+            for _ in range(args.rounds):
+                for label in setups:
+                    parts[label].append(loads[label].run(max(2 * c, args.requests // args.rounds), c))
+            for label, runs in parts.items():
+                report["setups"][label]["rows"].append(merge(runs))
+        if args.soak:
+            server, load = servers["dynamic batching"], loads["dynamic batching"]
+            before = server_rss_mb(server)
+            soak = load.run(args.soak, 4)
+            after = server_rss_mb(server)
+            report["setups"]["dynamic batching"]["soak"] = {
+                "requests": args.soak, "rss_before_mb": before, "rss_after_mb": after,
+                "growth_pct": 100 * (after - before) / before, "images_per_s": soak["images_per_s"]}
+    report["load_average_after"] = os.getloadavg()
+    print(f"\n{report['machine']}; demo bundle, {args.steps} steps, one image per request, {args.requests} requests per row; "
+          f"load average {report['load_average_before'][0]:.1f} before, {report['load_average_after'][0]:.1f} after\n")
     print("| server | clients | images/s | p50 latency | p99 latency | mean batch |")
     print("|---|---|---|---|---|---|")
     for label, setup in report["setups"].items():
