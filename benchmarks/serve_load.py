@@ -1,7 +1,7 @@
 """Load on `latentrt serve` (the real tritonserver): throughput and latency with 1, 4 and 16 concurrent
 clients, dynamic batching against `--max-batch 1`, and the server's memory over a long run.
 
-    python benchmarks/serve_load.py BUNDLE [--requests 64] [--concurrency 1,4,16] [--soak 500] [--json FILE]
+    python benchmarks/serve_load.py BUNDLE [--requests 64] [--concurrency 1,4,16] [--soak 500] [--threads T] [--json FILE]
 
 BUNDLE is the demo bundle (`make demo` writes out/demo-bundle). Every request is one image of the demo's
 default size with a distinct prompt and seed (16 steps, guidance 3.0, as `make demo`); clients are
@@ -42,19 +42,23 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def server_rss_mb(server: TritonServer) -> float:
-    """RSS of tritonserver and every process it started (its stubs), in MB."""
-    total = 0
+def server_memory_mb(server: TritonServer) -> dict[str, float]:
+    """RSS and its anonymous part (heap: what a leak grows) of tritonserver and every process it
+    started (its stubs), summed, in MB."""
+    total = {"VmRSS": 0, "RssAnon": 0}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             status = (proc / "status").read_text()
-            if int(proc.name) == server.process.pid or f"PPid:\t{server.process.pid}\n" in status:
-                total += int(next(l for l in status.splitlines() if l.startswith("VmRSS:")).split()[1])
-        except (OSError, StopIteration):
+        except OSError:
             continue
-    return total / 1024
+        if int(proc.name) == server.process.pid or f"PPid:\t{server.process.pid}\n" in status:
+            for line in status.splitlines():
+                key = line.split(":")[0]
+                if key in total:
+                    total[key] += int(line.split()[1])
+    return {"rss_mb": total["VmRSS"] / 1024, "anon_mb": total["RssAnon"] / 1024}
 
 
 class Load:
@@ -121,18 +125,19 @@ def main() -> int:
     parser.add_argument("--soak", type=int, default=500)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per model instance (0: its choice).")
     parser.add_argument("--rounds", type=int, default=4, help="Turns each server takes per concurrency level.")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
-    report = {"machine": f"{cpu_model()}, {os.cpu_count()} cores", "steps": args.steps, "load_average_before": os.getloadavg(), "setups": {}}
+    report = {"machine": f"{cpu_model()}, {os.cpu_count()} cores", "steps": args.steps, "threads": args.threads, "load_average_before": os.getloadavg(), "setups": {}}
     setups = {"dynamic batching": None, "--max-batch 1": 1}
     with contextlib.ExitStack() as stack:
         servers, loads = {}, {}
         for label, max_batch in setups.items():
             http, grpc, metrics = free_ports()
             config = ServerConfig(http_port=http, grpc_port=grpc, metrics_port=metrics)
-            servers[label] = stack.enter_context(TritonServer.for_bundle(args.bundle, ModelConfig(max_batch=max_batch), config))
+            servers[label] = stack.enter_context(TritonServer.for_bundle(args.bundle, ModelConfig(max_batch=max_batch, threads=args.threads), config))
             loads[label] = Load(f"127.0.0.1:{http}", args.steps, args.guidance)
             loads[label].run(8, 4)  # warm-up: the first calls of each batch size
             report["setups"][label] = {"max_batch": servers[label].max_batch_size, "rows": []}
@@ -147,14 +152,16 @@ def main() -> int:
                 report["setups"][label]["rows"].append(merge(runs))
         if args.soak:
             server, load = servers["dynamic batching"], loads["dynamic batching"]
-            before = server_rss_mb(server)
+            before = server_memory_mb(server)
             soak = load.run(args.soak, 4)
-            after = server_rss_mb(server)
+            after = server_memory_mb(server)
             report["setups"]["dynamic batching"]["soak"] = {
-                "requests": args.soak, "rss_before_mb": before, "rss_after_mb": after,
-                "growth_pct": 100 * (after - before) / before, "images_per_s": soak["images_per_s"]}
+                "requests": args.soak, "before": before, "after": after, "images_per_s": soak["images_per_s"],
+                "rss_growth_pct": 100 * (after["rss_mb"] - before["rss_mb"]) / before["rss_mb"],
+                "anon_growth_pct": 100 * (after["anon_mb"] - before["anon_mb"]) / before["anon_mb"]}
     report["load_average_after"] = os.getloadavg()
-    print(f"\n{report['machine']}; demo bundle, {args.steps} steps, one image per request, {args.requests} requests per row; "
+    print(f"\n{report['machine']}; demo bundle, {args.steps} steps, one image per request, {args.requests} requests per row, "
+          f"ONNX Runtime threads {args.threads or 'default'}; "
           f"load average {report['load_average_before'][0]:.1f} before, {report['load_average_after'][0]:.1f} after\n")
     print("| server | clients | images/s | p50 latency | p99 latency | mean batch |")
     print("|---|---|---|---|---|---|")
@@ -167,8 +174,9 @@ def main() -> int:
         print(f"| {b['concurrency']} | {b['images_per_s'] / s['images_per_s']:.2f}x |")
     soak = report["setups"]["dynamic batching"].get("soak")
     if soak:
-        print(f"\nserver RSS: {soak['rss_before_mb']:.0f} MB after warm-up, {soak['rss_after_mb']:.0f} MB after {soak['requests']} more "
-              f"requests ({soak['growth_pct']:+.1f}%)")
+        b, a = soak["before"], soak["after"]
+        print(f"\nserver memory over {soak['requests']} more requests: RSS {b['rss_mb']:.0f} -> {a['rss_mb']:.0f} MB "
+              f"({soak['rss_growth_pct']:+.1f}%), anonymous (heap) {b['anon_mb']:.0f} -> {a['anon_mb']:.0f} MB ({soak['anon_growth_pct']:+.1f}%)")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0
