@@ -1,4 +1,4 @@
-# The two commands of the README: `make demo` and `make test`. Both create .venv on first use.
+# The two commands of the README: `make demo` and `make test`. Both create .venv (and .venv/serve) on first use.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -17,13 +17,23 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e ".[test,tensorrt-rtx]"
 	touch $@
 
-install: $(VENV)/.installed
+# Triton's Python-backend stub runs the served model in this second environment: latentrt's runtime with
+# the nvidia-pytriton wheel and numpy<2 (the wheel's stubs were built against NumPy 1.x; serve/server.py).
+SERVE  := $(VENV)/serve
+
+$(SERVE)/.installed: pyproject.toml | $(BIN)/python
+	$(PYTHON) -m venv $(SERVE)
+	$(SERVE)/bin/python -m pip install -q --upgrade pip
+	$(SERVE)/bin/pip install -q -e ".[serve]"
+	touch $@
+
+install: $(VENV)/.installed $(SERVE)/.installed
 
 # The demo model (models/demo, trained on this project's shapes dataset) has no T5 encoder: it was
 # trained with zero T5 tokens, hence --max-sequence-length 0.
 DEMO_STEPS := --steps 16 --guidance 3.0
 
-demo: $(VENV)/.installed
+demo: install
 	mkdir -p $(OUT)
 	$(BIN)/latentrt export models/demo/pipeline -o $(OUT)/demo-bundle --max-sequence-length 0 --overwrite
 	$(BIN)/latentrt generate $(OUT)/demo-bundle --grid $(DEMO_STEPS) --seed 0 -o $(OUT)/demo-grid.png \
@@ -33,7 +43,7 @@ demo: $(VENV)/.installed
 		-p "a big white circle on the right" -p "a small red triangle at the top"
 	$(BIN)/latentrt eval $(OUT)/demo-bundle $(DEMO_STEPS) --json $(OUT)/demo-eval.json
 
-test: $(VENV)/.installed
+test: install
 	$(BIN)/python -m pytest -q
 
 clean:

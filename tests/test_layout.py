@@ -84,7 +84,7 @@ def test_no_cycle_between_subpackages(edges):
 
 
 # The README's layout table, bottom layer first: a subpackage imports only those before it.
-LAYERS = ("_version", "errors", "bundle", "graph", "engines", "runtime", "calibration", "models", "export", "bench", "cli")
+LAYERS = ("_version", "errors", "bundle", "graph", "engines", "runtime", "serve", "calibration", "models", "export", "bench", "cli")
 
 
 def test_layers_import_only_lower_layers(edges):
@@ -94,12 +94,12 @@ def test_layers_import_only_lower_layers(edges):
         assert not upward, f"{package}/ imports higher layers {upward}; it may import only {LAYERS[: LAYERS.index(package)]}"
 
 
-def test_runtime_imports_no_torch():
+def test_runtime_and_serving_import_no_torch():
     heavy = {"torch", "diffusers", "transformers"}
     for module, path in _modules().items():
-        if module.startswith("runtime"):
+        if module.startswith(("runtime", "serve")):
             bad = {n for n in _imports(module, path) if n.split(".")[0] in heavy}
-            assert not bad, f"{path} imports {sorted(bad)}; the runtime must stay torch-free"
+            assert not bad, f"{path} imports {sorted(bad)}; the runtime and the served model must stay torch-free"
 
 
 def test_walk_sees_lazy_and_relative_imports():
