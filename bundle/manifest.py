@@ -106,6 +106,12 @@ class Component:
     validation: tuple[Validation, ...] = ()
     # fp16/bf16: what the precision pass kept in fp32 and why (export/precision.py's PrecisionReport).
     precision_report: dict[str, Any] = field(default_factory=dict)
+    # sha256 of each external data file, in the order of `external_data` (computed while writing).
+    external_sha256: tuple[str, ...] = ()
+    # initializer -> how it is made of the checkpoint's tensors: {"parts": [[tensor, ""|"T"], ...],
+    # "shape": [...], "axis": k} (parts concatenated along `axis`; "T" transposed). The map from a
+    # model parameter to the ONNX weight that holds it, for LoRA (export/weights.py's Recipe).
+    weights: dict[str, Any] = field(default_factory=dict)
 
     def input(self, name: str) -> TensorSpec:
         for spec in self.inputs:
@@ -126,6 +132,8 @@ class Component:
             external_data=tuple(d.get("external_data", ())),
             validation=tuple(Validation.from_dict(v) for v in d.get("validation", ())),
             precision_report=d.get("precision_report", {}),
+            external_sha256=tuple(d.get("external_sha256", ())),
+            weights=d.get("weights", {}),
         )
 
 
@@ -428,6 +436,18 @@ def check_manifest_dict(raw: Any, *, where: str = MANIFEST_NAME) -> None:
             for key in ("shapes", "rel_l2", "max_abs"):
                 c.obj(val.get(key), f"{vp}.{key}")
         c.obj(comp.get("precision_report", {}), f"{at}.precision_report")
+        hashes = c.array(comp.get("external_sha256", []), f"{at}.external_sha256")
+        if hashes and len(hashes) != len(comp.get("external_data", [])):
+            c.fail(f"{at}.external_sha256", hashes, "one sha256 per external data file")
+        for j, digest in enumerate(hashes):
+            if not (isinstance(digest, str) and len(digest) == 64):
+                c.fail(f"{at}.external_sha256[{j}]", digest, "a sha256 in hex")
+        for name, recipe in c.obj(comp.get("weights", {}), f"{at}.weights").items():
+            wp = f"{at}.weights.{name}"
+            c.obj(recipe, wp)
+            for j, part in enumerate(c.array(recipe.get("parts"), f"{wp}.parts")):
+                if not (isinstance(part, list) and len(part) == 2 and isinstance(part[0], str) and part[1] in ("", "T")):
+                    c.fail(f"{wp}.parts[{j}]", part, "[tensor name, '' or 'T']")
 
     tokenizers = c.obj(raw.get("tokenizers"), "tokenizers")
     for name, tok in tokenizers.items():

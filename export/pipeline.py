@@ -249,6 +249,8 @@ def _finish(bundle: Path, job: _Job, config: ExportConfig, ranges, progress) -> 
         external_data=tuple(f"onnx/{name}" for name in external),
         validation=tuple(validation),
         precision_report={} if report is None else report.to_dict(),
+        external_sha256=(traced.data_sha256,) if external else (),
+        weights={name: recipe.to_dict() for name, recipe in sorted(traced.recipes.items())},
     )
 
 
