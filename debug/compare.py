@@ -36,10 +36,12 @@ logger = logging.getLogger(__name__)
 class TensorStats:
     """One tensor over every compared call.
 
-    `max_abs` is the largest |candidate - reference| (NaN once either held NaN, or both the same
-    infinity), `diff_sq` and `ref_sq` the sums of squared differences and squared reference values
-    (so relative L2 = sqrt(diff_sq / ref_sq) over all calls), `nan` / `inf` the candidate's counts,
-    `low` / `high` its finite value range and `ref_absmax` the reference's largest |value|.
+    Where both hold the same value (the same infinity, or both NaN) the difference is 0. `max_abs`
+    is the largest |candidate - reference| (NaN once a difference is NaN), `diff_sq` and `ref_sq`
+    the sums of squared differences and squared finite reference values (relative L2 =
+    sqrt(diff_sq / ref_sq) over all calls), `nan` / `inf` count the candidate's NaN / Inf where the
+    reference is finite, `low` / `high` are the candidate's finite value range and `ref_absmax` the
+    reference's largest finite |value|.
     """
 
     max_abs: float = 0.0
@@ -61,24 +63,26 @@ class TensorStats:
     def observe(self, candidate: np.ndarray, reference: np.ndarray) -> None:
         c = np.asarray(candidate)
         r = np.asarray(reference, dtype=np.float64)
-        nan = np.isnan(c)
-        inf = np.isinf(c)
-        self.nan += int(nan.sum())
-        self.inf += int(inf.sum())
-        finite = c[~(nan | inf)]
+        if c.shape != r.shape:
+            raise InputError(f"a tensor has shape {c.shape} in the candidate and {r.shape} in the reference; the graphs differ there")
+        # Values the reference holds too (T5's log(0) = -inf relative position, say) are no error.
+        same = (c == r) | (np.isnan(c) & np.isnan(r))
+        expected = ~np.isfinite(r)
+        self.nan += int((np.isnan(c) & ~expected).sum())
+        self.inf += int((np.isinf(c) & ~expected).sum())
+        finite = c[np.isfinite(c)]
         if finite.size:
             self.low = min(self.low, float(finite.min()))
             self.high = max(self.high, float(finite.max()))
-        if c.shape != r.shape:
-            raise InputError(f"a tensor has shape {c.shape} in the candidate and {r.shape} in the reference; the graphs differ there")
         with np.errstate(invalid="ignore", over="ignore"):
-            diff = np.abs(c.astype(np.float64) - r)
+            diff = np.where(same, 0.0, np.abs(c.astype(np.float64) - r))
         if diff.size:
             peak = float(diff.max())  # NaN as soon as one difference is NaN
             self.max_abs = peak if math.isnan(peak) or math.isnan(self.max_abs) else max(self.max_abs, peak)
-            self.ref_absmax = max(self.ref_absmax, float(np.nanmax(np.abs(r))))
+            if (~expected).any():
+                self.ref_absmax = max(self.ref_absmax, float(np.abs(r[~expected]).max()))
         self.diff_sq += float(np.square(diff).sum())
-        self.ref_sq += float(np.square(r).sum())
+        self.ref_sq += float(np.square(np.where(expected, 0.0, r)).sum())
         self.calls += 1
 
 

@@ -41,7 +41,10 @@ def plot_report(report: DebugReport, path: str | os.PathLike, *, title: str | No
     if bad:
         ax.scatter(bad, [top / 1.5] * len(bad), marker="x", color="red", s=24, label="NaN / Inf")
     ax.axhline(report.tolerance, color="grey", linestyle="--", linewidth=1, label=f"tolerance {report.tolerance:g}")
-    for name, colour, what in ((report.first_over_tolerance, "darkorange", "first over tolerance"), (report.first_nonfinite, "red", "first NaN/Inf")):
+    marks = [(report.first_over_tolerance, "darkorange", "first over tolerance"), (report.first_nonfinite, "red", "first NaN/Inf")]
+    if report.first_over_tolerance is not None and report.first_over_tolerance == report.first_nonfinite:
+        marks = [(report.first_nonfinite, "red", "first over tolerance and first NaN/Inf")]
+    for name, colour, what in marks:
         if name is not None:
             i = next(i for i, layer in zip(depth, layers) if layer.name == name)
             ax.axvline(i, color=colour, linewidth=1, alpha=0.6)

@@ -195,11 +195,14 @@ def suggest(
             if layer.nonfinite and not any(by_name[s].nonfinite for s in sources.get(layer.name, ()) if s in by_name)
         ]
         keep = list(dict.fromkeys(keep + starts))
-        peak = max((by_name[n].reference_absmax or 0.0) for n in keep)
+        peak = first_nonfinite.reference_absmax or 0.0
+        reason = (
+            f"its reference output reaches |x| = {peak:.4g}, beyond {precision}'s largest value {HALF_MAX[precision]:g}"
+            if peak > limit else "its inputs or arithmetic overflow in half precision"
+        )
         return Suggestion(
             text=(
-                f"{first_nonfinite.op} {first_nonfinite.name!r} is the first layer to produce NaN/Inf in {precision}: the "
-                f"reference reaches |x| = {peak:.4g}, beyond {precision}'s largest value {HALF_MAX[precision]:g}. Keep "
+                f"{first_nonfinite.op} {first_nonfinite.name!r} is the first layer to produce NaN/Inf in {precision}: {reason}. Keep "
                 f"{len(keep)} node(s) in fp32: `latentrt export SOURCE -o BUNDLE --precision {precision}` records real "
                 "ranges and keeps such nodes in fp32 islands by itself (this graph was converted without them); "
                 "in Python, convert_precision(..., ranges=record_ranges(...)) does the same. bf16 holds these values too."
