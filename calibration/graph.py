@@ -59,7 +59,11 @@ class Layer:
 
 
 class GraphIndex:
-    """Producers, consumers and constants of one graph, for lookups while rewriting it."""
+    """Producers, consumers and constants of one graph, for lookups while rewriting it.
+
+    (onnx-graphsurgeon's `Graph` holds the same links, but SmoothQuant and Q/DQ insertion edit the
+    protobuf in place; an import / export round trip would copy every weight.)
+    """
 
     def __init__(self, model: onnx.ModelProto) -> None:
         graph = model.graph
@@ -168,7 +172,11 @@ def select_layers(
 
 
 def tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
-    """Rank of every tensor ONNX shape inference can type (weights' bytes are not needed)."""
+    """Rank of every tensor ONNX shape inference can type (weights' bytes are not needed).
+
+    Polygraphy's `InferShapes` runs the same `onnx.shape_inference` on the whole model; this strips
+    the large initializers' bytes first, so inference never copies the weights.
+    """
     skeleton = onnx.ModelProto()
     skeleton.CopyFrom(model)
     for init in skeleton.graph.initializer:  # inference reads dims, and data only of small (shape) tensors

@@ -304,7 +304,11 @@ def _add_initializer(model: onnx.ModelProto, name: str, value: np.ndarray) -> st
 
 
 def prune_unused(model: onnx.ModelProto) -> None:
-    """Drop initializers and Constant nodes that nothing reads any more."""
+    """Drop initializers and Constant nodes that nothing reads any more.
+
+    Narrower than onnx-graphsurgeon's `Graph.cleanup()` (no other node is removed) and done in place:
+    the round trip through onnx-graphsurgeon would rebuild every weight of the graph being quantized.
+    """
     graph = model.graph
     while True:
         used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
