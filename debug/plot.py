@@ -1,8 +1,9 @@
 """Error against depth, as a PNG: people would rather look than read.
 
 Top: each layer's relative L2 error (log scale) against its position in the topological order, the
-tolerance as a dashed line, quantized layers as squares, layers with NaN / Inf as red crosses at the
-top edge, and the first layer over tolerance and the first non-finite one named. Bottom: each layer's
+tolerance as a dashed line, quantized layers as squares, layers identical to the reference as grey
+dashes at the bottom edge, layers with NaN / Inf as red crosses at the top edge, and the first layer
+over tolerance and the first non-finite one named. Bottom: each layer's
 largest |value| in the reference, with the half dtype's largest value where the candidate is
 fp16 / bf16 (an overflow shows as a point above that line).
 """
@@ -33,8 +34,11 @@ def plot_report(report: DebugReport, path: str | os.PathLike, *, title: str | No
     top = max([report.tolerance * 10] + [layer.rel_l2 for _, layer in finite]) * 3
 
     fig, (ax, ax_range) = plt.subplots(2, 1, figsize=(10, 6.5), sharex=True, gridspec_kw={"height_ratios": [2.2, 1]})
+    exact = [i for i, layer in finite if layer.rel_l2 == 0]
+    if exact:
+        ax.scatter(exact, [floor] * len(exact), s=8, marker="_", color="grey", label="identical to the reference")
     for marker, quantized, label in (("o", False, "layer"), ("s", True, "quantized layer")):
-        points = [(i, max(layer.rel_l2, floor)) for i, layer in finite if layer.quantized == quantized]
+        points = [(i, layer.rel_l2) for i, layer in finite if layer.quantized == quantized and layer.rel_l2 > 0]
         if points:
             ax.scatter(*zip(*points), s=10 if not quantized else 18, marker=marker, label=label, alpha=0.75)
     bad = [i for i, layer in zip(depth, layers) if layer.nonfinite or layer.rel_l2 is None]
@@ -48,10 +52,12 @@ def plot_report(report: DebugReport, path: str | os.PathLike, *, title: str | No
         if name is not None:
             i = next(i for i, layer in zip(depth, layers) if layer.name == name)
             ax.axvline(i, color=colour, linewidth=1, alpha=0.6)
-            ax.annotate(f"{what}: {name}", xy=(i, top / 1.5), xytext=(4, -14 if colour == "red" else -28), textcoords="offset points",
-                        fontsize=7, color=colour)
+            right = i > len(layers) / 2
+            ax.annotate(f"{what}: {name}", xy=(i, top / 1.5), xytext=(-4 if right else 4, -14 if colour == "red" else -28),
+                        textcoords="offset points", fontsize=7, color=colour, ha="right" if right else "left")
     ax.set_yscale("log")
     ax.set_ylim(floor / 2, top)
+    ax.set_xlim(-0.02 * len(layers) - 1, 1.02 * len(layers))
     ax.set_ylabel("relative L2 error vs reference")
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title(title or f"{report.component}: {report.candidate}\nvs {report.reference}", fontsize=8)

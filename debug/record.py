@@ -11,8 +11,8 @@ import numpy as np
 from latentrt.bundle.manifest import Manifest, load_manifest
 from latentrt.errors import InputError
 
-#: The prompt recorded when none is given (one of export's range-recording prompts).
-DEFAULT_PROMPT = "a photo of a red cat on the left"
+#: The prompt recorded when none is given (the first of `make demo`'s prompts; short enough for the demo's 16 tokens).
+DEFAULT_PROMPT = "a large red circle on the left"
 
 
 class _Recording:
