@@ -124,7 +124,16 @@ def tensorrt_runner(path: Path, outputs: Sequence[str], feeds: Sequence[dict[str
     for input_name in feeds[0]:
         shapes = np.array([feed[input_name].shape for feed in feeds])
         profile.add(input_name, min=tuple(shapes.min(0)), opt=tuple(shapes.max(0)), max=tuple(shapes.max(0)))
-    network = ModifyNetworkOutputs(NetworkFromOnnxPath(os.fspath(path), strongly_typed=True), outputs=list(outputs))
+    parse = NetworkFromOnnxPath(os.fspath(path), strongly_typed=True)
+
+    def network():
+        # The parser folds some ONNX tensors away (constants, shape arithmetic): mark those it kept.
+        from polygraphy.backend.trt import util as trt_util
+
+        builder, net, parser = parse()
+        present = trt_util.get_all_tensors(net)
+        return ModifyNetworkOutputs((builder, net, parser), outputs=[t for t in outputs if t in present])()
+
     return TrtRunner(EngineFromNetwork(network, config=CreateConfig(profiles=[profile])), name=name)
 
 

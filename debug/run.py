@@ -26,7 +26,7 @@ from latentrt.debug import graphs
 from latentrt.debug.compare import compare, onnxruntime_runner, quiet_polygraphy, tensorrt_runner
 from latentrt.debug.record import DEFAULT_PROMPT, check_component, record_inputs
 from latentrt.debug.report import DebugReport, LayerReport, first, suggest
-from latentrt.errors import InputError
+from latentrt.errors import BundleError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def resolve_reference(bundle: Path, manifest: Manifest, component: str, config: 
         source = Path(source)
         try:
             ref = load_manifest(source).components[component]
-        except Exception as err:
+        except (BundleError, InputError, KeyError, OSError) as err:
             raise InputError(f"{bundle} was calibrated from {source}, which is no longer a bundle with {component!r} ({err}); {hint}") from err
         if sha256_file(source / ref.file) != record.get("source_sha256"):
             raise InputError(f"{source}'s {component} has changed since {bundle} was calibrated from it; {hint}")

@@ -71,3 +71,18 @@ def test_plot_writes_a_png(tmp_path):
                          suggestion=Suggestion(text="t"))
     path = plot_report(report, tmp_path / "plot.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_config_validates_and_round_trips():
+    import dataclasses
+
+    from latentrt.debug import DebugConfig
+    from latentrt.errors import InputError
+
+    config = DebugConfig(component="transformer", reference="out/ref", steps=4, calls=[0, 3], tolerance=0.05)
+    assert config.calls == (0, 3)
+    assert DebugConfig(**json.loads(json.dumps(dataclasses.asdict(config)))) == config
+    with pytest.raises(InputError, match="backend must be one of onnxruntime, tensorrt"):
+        DebugConfig(backend="openvino")
+    with pytest.raises(InputError, match="non-negative call indices"):
+        DebugConfig(calls=(-1,))
