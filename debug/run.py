@@ -291,5 +291,23 @@ def _calibrate_command(record: dict) -> str:
         parts.append(f"--steps {p['steps']}")
     if p.get("guidance_scale") is not None:
         parts.append(f"--guidance {p['guidance_scale']:g}")
+    parts.append(f"--num-prompts {record.get('num_prompts', 32)}")
+    if p.get("seed"):
+        parts.append(f"--seed {p['seed']}")
+    if not _default_prompts_used(record):
+        parts.append("--prompts PROMPTS_FILE")  # the record keeps the prompts' sha256, not their file
     parts += [f"--exclude '{e}'" for e in p.get("exclude", [])]
     return " ".join(parts)
+
+
+def _default_prompts_used(record: dict) -> bool:
+    """Whether a calibration ran on `calibrate`'s default prompt list (its sha256 matches)."""
+    from latentrt.calibration.prompts import default_prompts, prompts_sha256, select_prompts
+
+    try:
+        manifest = load_manifest(record["source_bundle"], verify=False)
+    except (BundleError, InputError, KeyError, OSError):
+        return False
+    count = int(record.get("num_prompts", 32))
+    prompts = select_prompts(default_prompts(manifest, count, seed=int(record.get("parameters", {}).get("seed", 0))), count)
+    return prompts_sha256(prompts) == record.get("prompts_sha256")

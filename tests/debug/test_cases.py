@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 
 from latentrt.debug import DebugConfig, DebugReport, debug_bundle
 
@@ -54,6 +53,8 @@ def test_int8_points_at_the_outlier_layer_and_the_exclude_fixes_it(attention_out
     assert report.layer(node).quantized
     assert report.suggestion.exclude[0] == f"^{node.replace('.', chr(92) + '.')}$"
     assert f"--exclude '{report.suggestion.exclude[0]}'" in report.suggestion.command
+    assert report.suggestion.command.startswith(f"latentrt calibrate {fp32.resolve()} -o OUT --precision int8")
+    assert "--prompts" not in report.suggestion.command  # calibrated on the default prompt list
     worst_output = report.layers[-1].rel_l2
 
     fixed = tmp_path / "fixed"
