@@ -34,6 +34,7 @@ import numpy as np
 
 from latentrt.bundle.manifest import Manifest
 from latentrt.errors import InputError
+from latentrt.runtime.pipeline import MAX_INFERENCE_STEPS
 
 #: input name -> (KServe datatype, numpy dtype of its values)
 INPUTS: dict[str, tuple[str, type]] = {
@@ -146,8 +147,8 @@ class RequestParser:
                 f"tensor), got {sorted(set(zip(heights, widths)))}; send rows of other sizes as separate requests"
             )
         for s in steps:
-            if s < 1:
-                raise InputError(f"num_inference_steps must be >= 1, got {s}")  # Pipeline.__call__'s message
+            if not 1 <= s <= MAX_INFERENCE_STEPS:
+                raise InputError(f"num_inference_steps must be >= 1 and <= {MAX_INFERENCE_STEPS}, got {s}")  # Pipeline.__call__'s message
             if s > self.limits.max_steps:
                 raise InputError(
                     f"num_inference_steps {s} is above this server's limit of {self.limits.max_steps}; "

@@ -141,7 +141,7 @@ PROMPT = _tensor("prompt", "BYTES", "a red circle")
     [
         ([_tensor("seed", "INT64", 1)], "input 'prompt' is missing"),
         ([PROMPT, _tensor("seed", "FP32", 1.5)], "expects 'INT64'"),
-        ([PROMPT, _tensor("num_inference_steps", "INT32", 0)], "num_inference_steps must be >= 1, got 0"),
+        ([PROMPT, _tensor("num_inference_steps", "INT32", 0)], "num_inference_steps must be >= 1 and <= 10000, got 0"),
         ([PROMPT, _tensor("num_inference_steps", "INT32", 41)], "above this server's limit of 40"),
         ([PROMPT, _tensor("height", "INT32", 100)], "height 100 is not valid for this bundle: it must be a multiple of 8 between 16 and 64; the nearest valid height is 64"),
         ([PROMPT, _tensor("width", "INT32", 8)], "the nearest valid width is 16"),
@@ -168,7 +168,7 @@ def test_nan_guidance_gets_400(demo_server, infer):
 def test_the_python_api_raises_the_same_messages(demo_pipeline):
     from latentrt.errors import InputError
 
-    for kwargs, message in [(dict(num_inference_steps=0), "num_inference_steps must be >= 1, got 0"),
+    for kwargs, message in [(dict(num_inference_steps=0), "num_inference_steps must be >= 1 and <= 10000, got 0"),
                             (dict(height=100), "the nearest valid height is 64"), (dict(width=8), "the nearest valid width is 16")]:
         with pytest.raises(InputError, match=re.escape(message)):
             demo_pipeline("a red circle", **kwargs)
