@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from latentrt.export.weights import Recipe
-from latentrt.graph.view import GraphView, drop_dead, used_names
+from latentrt.graph.view import GraphView, drop_dead, used_names, weightless
 
 
 def fold_squeeze_ifs(model) -> None:
@@ -396,18 +396,9 @@ def _inferred_dims(model) -> dict[str, list[int | None]]:
     models over protobuf's 2 GB limit work, and data propagation sees the small constants.
     """
     import onnx
-    from onnx import helper
 
-    graph = model.graph
-    small = _small_initializers(graph)
-    small_names = {t.name for t in small}
-    declared = small_names | {i.name for i in graph.input}
-    weights = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in graph.initializer if t.name not in declared]
-    skeleton = helper.make_model(
-        helper.make_graph(list(graph.node), graph.name, list(graph.input) + weights, list(graph.output), small),
-        opset_imports=list(model.opset_import),
-        ir_version=model.ir_version,
-    )
+    small = {t.name for t in _small_initializers(model.graph)}
+    skeleton = weightless(model, keep=lambda t: t.name in small)
     inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True).graph
     dims = {}
     for value in list(inferred.input) + list(inferred.value_info) + list(inferred.output):
@@ -428,3 +419,73 @@ def _small_initializers(graph) -> list:
     import onnx
 
     return [t for t in graph.initializer if np.prod(t.dims) <= _FOLD_MAX_ELEMENTS and t.data_location != onnx.TensorProto.EXTERNAL]
+
+
+def split_sequences(model) -> int:
+    """Replace `SplitToSequence` read only by `SequenceAt` at constant positions by a `Split`;
+    returns the number replaced.
+
+    The dynamo exporter writes `x.chunk(n, dim)` / `x.split(size, dim)` that way when its own
+    optimizer is off (it is: the optimizer would fold the placeholder weights into constants).
+    TensorRT's parser has no sequence ops, and precision conversion cannot type a sequence's
+    elements. The number of pieces comes from the split sizes, or for one chunk size from the
+    split dim, which shape inference must know (a Linear's output width: always static); sizes
+    computed at run time (Flux's text / image split of the joint attention) stay an input.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    constants = {t.name: numpy_helper.to_array(t) for t in _small_initializers(graph)}
+    constants |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant" and n.attribute[0].name == "value"}
+    readers: dict[str, list] = {}
+    for n in graph.node:
+        for t in n.input:
+            readers.setdefault(t, []).append(n)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    dims = None
+    replaced = 0
+    sequences = set()
+    for node in list(graph.node):
+        if node.op_type != "SplitToSequence" or len(node.input) < 2:
+            continue
+        users = readers.get(node.output[0], [])
+        if not users or any(u.op_type != "SequenceAt" or u.input[1] not in constants for u in users):
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        dims = dims if dims is not None else _inferred_dims(model)
+        sizes_name = node.input[1]
+        if sizes_name in constants and constants[sizes_name].ndim == 0:  # one chunk size: pieces from the dim
+            width = (dims.get(node.input[0]) or [None] * (abs(axis) + 1))[axis]
+            if width is None:
+                continue
+            chunk = int(constants[sizes_name])
+            sizes = [chunk] * (width // chunk) + ([width % chunk] if width % chunk else [])
+        elif sizes_name in constants:
+            sizes = np.ravel(constants[sizes_name]).tolist()
+        elif len(dims.get(sizes_name) or []) == 1 and dims[sizes_name][0] is not None:  # sizes computed at run time
+            sizes = [None] * dims[sizes_name][0]
+        else:
+            continue
+        outputs = [f"{node.output[0]}/{i}" for i in range(len(sizes))]
+        for user in users:
+            outputs[int(np.ravel(constants[user.input[1]])[0])] = user.output[0]  # negative positions count from the end
+        if opset >= 18 and None not in sizes and len(set(sizes)) == 1:
+            split = helper.make_node("Split", [node.input[0]], outputs, name=node.name, axis=axis, num_outputs=len(sizes))
+        else:
+            if sizes_name not in {t.name for t in graph.initializer} and None not in sizes:
+                sizes_name = f"{node.output[0]}/sizes"
+                graph.initializer.append(numpy_helper.from_array(np.array(sizes, np.int64), sizes_name))
+            split = helper.make_node("Split", [node.input[0], sizes_name], outputs, name=node.name, axis=axis)
+        position = list(graph.node).index(node)
+        graph.node.remove(node)
+        graph.node.insert(position, split)
+        for user in users:
+            graph.node.remove(user)
+        sequences.add(node.output[0])
+        replaced += 1
+    if replaced:
+        for i in reversed(range(len(graph.value_info))):
+            if graph.value_info[i].name in sequences:
+                del graph.value_info[i]
+        drop_dead(graph)
+    return replaced

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import torch
 
 from latentrt.errors import ExportError
+from latentrt.export.graph_passes import split_sequences
 
 Exporter = Literal["torchscript", "dynamo"]
 
@@ -129,4 +130,7 @@ def trace_to_onnx(
                 )
         except Exception as err:  # the exporters raise many types; name the component
             raise ExportError(f"{what}: torch.onnx.export failed: {err}") from err
-        return onnx.load(str(traced))
+        model = onnx.load(str(traced))
+    if exporter == "dynamo":
+        split_sequences(model)
+    return model

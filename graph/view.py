@@ -84,3 +84,22 @@ def drop_dead(graph) -> None:
     for i in reversed(range(len(graph.input))):
         if graph.input[i].name in dropped:
             del graph.input[i]
+
+
+def weightless(model, keep=lambda tensor: False):
+    """A copy of `model` without its weights: each initializer not `keep`-ed becomes a graph input
+    of its dtype and shape. Shape inference and the checker then work on models of any size, with
+    external data or without data at all, and never read a weight."""
+    from onnx import helper
+
+    graph = model.graph
+    kept = [t for t in graph.initializer if keep(t)]
+    declared = {t.name for t in kept} | {i.name for i in graph.input}
+    weights = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in graph.initializer if t.name not in declared]
+    copy = helper.make_model(
+        helper.make_graph(list(graph.node), graph.name, list(graph.input) + weights, list(graph.output), kept),
+        opset_imports=list(model.opset_import),
+        ir_version=model.ir_version,
+    )
+    copy.functions.extend(model.functions)
+    return copy
