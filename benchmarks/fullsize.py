@@ -67,8 +67,9 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def measured(script: str, *args: str) -> list[dict]:
-    """Run `script` in a child Python; returns its phases with wall seconds and peak tree RSS."""
+def measured(script: str, *args: str, check: bool = True) -> tuple[list[dict], int]:
+    """Run `script` in a child Python; returns its phases with wall seconds and peak tree RSS (the
+    last one cut where the child ended), and its exit code (raises on failure when `check`)."""
     proc = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, text=True)
     phases = [{"phase": "start", "t": time.time(), "peak_rss": 0}]
     lock = threading.Lock()
@@ -92,11 +93,12 @@ def measured(script: str, *args: str) -> list[dict]:
             phases[-1]["peak_rss"] = max(phases[-1]["peak_rss"], rss)
         time.sleep(0.2)
     reader.join()
-    if proc.returncode:
+    if proc.returncode and check:
         raise SystemExit(f"the child process failed with exit code {proc.returncode}")
+    phases.append({"phase": "end", "t": time.time()})
     for a, b in zip(phases, phases[1:]):
         a["seconds"] = b["t"] - a["t"]
-    return [p for p in phases if "seconds" in p and p["phase"] != "start"]
+    return [p for p in phases if "seconds" in p and p["phase"] not in ("start", "done")], proc.returncode
 
 
 def cpu_name() -> str:
@@ -126,10 +128,10 @@ def main() -> int:
         write_fullsize(args.name, source)
         report["write_source_seconds"] = time.time() - start
     report["source_bytes"] = sum(f.stat().st_size for f in source.rglob("*") if f.is_file())
-    report["export"] = measured(EXPORT, str(source), str(bundle), args.precision)
+    report["export"], _ = measured(EXPORT, str(source), str(bundle), args.precision)
     report["bundle_bytes"] = sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file())
     if args.build:
-        report["build"] = measured(BUILD, str(bundle), args.build_config)
+        report["build"], report["build_exit_code"] = measured(BUILD, str(bundle), args.build_config, check=False)
 
     print(f"\n{args.name} ({args.precision}), {report['cpu']}, {report['cores']} cores")
     print("| phase | wall | peak RSS (process tree) |\n|---|---|---|")
@@ -139,6 +141,8 @@ def main() -> int:
     peak = max(p["peak_rss"] for p in report["export"])
     print(f"| export total | {total / 60:.1f} min | {peak / 1e9:.2f} GB |")
     print(f"source {report['source_bytes'] / 1e9:.1f} GB, bundle {report['bundle_bytes'] / 1e9:.1f} GB")
+    if report.get("build_exit_code"):
+        print(f"the build failed with exit code {report['build_exit_code']} (-9: killed, e.g. out of memory)")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     if not args.keep:

@@ -51,8 +51,8 @@ class BlockCall:
         spec: the pytree spec of the call's `(args, kwargs)`; `constants` holds its non-tensor
             leaves (SLOT where a tensor goes).
         out_spec, out_constants: the same for the call's return value.
-        inputs: the call's tensor inputs at the trace sizes (values from the real glue and the
-            random-weight stand-ins of earlier blocks).
+        inputs: the call's tensor inputs at the trace sizes (values from the real glue, with
+            zeros for the outputs of earlier blocks).
         shapes: each observation's input and output shapes (one entry per observed size set).
         outputs: (shape, dtype) of each tensor output at the trace sizes.
     """
@@ -146,9 +146,10 @@ def trace_glue(module: torch.nn.Module, blocks: Mapping[str, torch.nn.Module], e
 
     `export(example)` runs the exporter on `module` (the placeholders are in place while it runs).
     Each example is traced; the last one's graph is kept and the earlier ones tell the dynamic dims
-    apart (so give the trace sizes last). Inside the trace, a placeholder computes its outputs with a
-    zero-weight copy of its block kind (the blocks' own weights are never read: they may be on the
-    meta device), so the glue after it sees tensors of the right shapes and dtypes, and each call's
+    apart (so give the trace sizes last). Inside the trace, a placeholder runs a meta-device copy of
+    its block kind for the shapes and dtypes of its outputs and returns zeros of those (the blocks'
+    weights are never read: they may be on the meta device), so the glue after it sees tensors of the
+    right shapes and dtypes, and each call's
     inputs are recorded as the exporter traces them (a library may build masks differently when
     tracing).
     """
@@ -166,10 +167,10 @@ def trace_glue(module: torch.nn.Module, blocks: Mapping[str, torch.nn.Module], e
                 kind = call.kind[:4]
                 if kind not in stand_ins:
                     stand_ins[kind] = stand_in(call.block)
-                args, kwargs = _join(tensors, call.constants, call.spec)
+                args, kwargs = _join([t.detach().to("meta") for t in tensors], call.constants, call.spec)
                 out_tensors, call.out_constants, call.out_spec = _split(stand_ins[kind](*args, **kwargs))
                 call.inputs = [t.detach().clone() for t in tensors]
-                outputs = tuple(t.detach().clone() for t in out_tensors)
+                outputs = tuple(torch.zeros(t.shape, dtype=t.dtype) for t in out_tensors)
             finally:
                 torch._C._set_tracing_state(tracing)  # noqa: SLF001
             call.shapes.append(([tuple(t.shape) for t in call.inputs], [tuple(t.shape) for t in outputs]))
@@ -228,17 +229,17 @@ class FlatBlock(torch.nn.Module):
 
 
 def stand_in(block: torch.nn.Module) -> torch.nn.Module:
-    """A copy of `block` to run for its output shapes: its parameters are zero scalars broadcast to
-    their shapes (no memory), without the original's hooks or patched forward."""
-    clone = copy.deepcopy(block)
+    """A copy of `block` on the meta device, to run for its output shapes and dtypes (nothing is
+    computed, nothing allocated), without the original's hooks or patched forward."""
+    # Given through deepcopy's memo, the parameters are never copied: cloning a weight (even a
+    # broadcast placeholder) would allocate all of it.
+    memo = {id(p): torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False) for p in block.parameters()}
+    clone = copy.deepcopy(block, memo).to("meta")
     clone.__dict__.pop("forward", None)  # a forward patched onto the instance stays with the original
     for module in clone.modules():
         for hooks in (module._forward_hooks, module._forward_pre_hooks, module._forward_hooks_with_kwargs,  # noqa: SLF001
                       module._forward_pre_hooks_with_kwargs, module._forward_hooks_always_called):  # noqa: SLF001
             hooks.clear()  # transformers records hidden states with hooks: they stay with the original
-        for attr, param in list(module._parameters.items()):  # noqa: SLF001
-            if param is not None:
-                module._parameters[attr] = torch.nn.Parameter(torch.zeros((), dtype=param.dtype).expand(param.shape), requires_grad=False)  # noqa: SLF001
     return clone.eval()
 
 

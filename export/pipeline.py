@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import shutil
 from collections.abc import Callable
@@ -34,7 +33,7 @@ HALF_TOLERANCE = {"fp16": 1e-2, "bf16": 3e-2}
 # Prompts whose real activations decide the fp32 islands (two steps each, at the default size up to
 # RANGE_SIZE pixels a side: the ranges are per channel and token, not per resolution).
 RANGE_PROMPTS = ("a photo of a red cat on the left", "a large purple mountain in the snow at night")
-RANGE_SIZE = 512
+RANGE_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -229,7 +228,8 @@ def _finish(bundle: Path, job: _Job, config: ExportConfig, ranges, progress) -> 
         )
     if progress:
         progress(f"{comp.name}: write")
-    external = write_component(traced, path)
+    # A streamed component always gets a data file: then reading it back never holds all its weights.
+    external = write_component(traced, path, external=True if job.streaming else None)
     if progress:
         progress(f"{comp.name}: validate")
     tolerance = config.tolerance if job.precision == "fp32" else HALF_TOLERANCE[job.precision]
@@ -275,16 +275,20 @@ def check_disk_space(bundle: Path, jobs) -> None:
     free = shutil.disk_usage(bundle).free
     if need > free:
         raise InputError(
-            f"the bundle needs about {need / 1e9:.1f} GB for its weights and {bundle.parent} has {free / 1e9:.1f} GB free; "
+            f"the bundle needs about {_size(need)} for its weights and {bundle.parent} has {_size(free)} free; "
             "free some space or write the bundle to another disk"
         )
+
+
+def _size(count: int) -> str:
+    return f"{count / 1e9:.1f} GB" if count >= 1e9 else f"{count / 1e6:.1f} MB"
 
 
 def _record_ranges(bundle: Path, manifest: Manifest, jobs, progress) -> dict[str, dict[str, float]]:
     """Max |value| of every float tensor of every half component, on real inputs: the fp32 graphs
     (not written) generate RANGE_PROMPTS for two steps, each component run segment by segment with
     its weights read from the checkpoint."""
-    from latentrt.export.segments import SegmentedModel
+    from latentrt.export.segments import SegmentedModel, update_range
     from latentrt.runtime.pipeline import Pipeline
 
     runners = {job.comp.name: SegmentedModel(job.traced.model, job.traced.value, budget=SEGMENT_BUDGET) for job in jobs}
@@ -293,12 +297,9 @@ def _record_ranges(bundle: Path, manifest: Manifest, jobs, progress) -> dict[str
 
     def engine(name: str, comp: Component):
         def call(feeds):
-            def observe(tensor: str, value) -> None:
-                _update_range(ranges[name], tensor, value)
-
             for key, value in feeds.items():
-                observe(key, value)
-            values = runners[name].run([s.name for s in comp.outputs], feeds, observe=observe if name in wanted else None)
+                update_range(ranges[name], key, value)
+            values = runners[name].run([s.name for s in comp.outputs], feeds, ranges=ranges[name] if name in wanted else None)
             return dict(zip([s.name for s in comp.outputs], values))
 
         return call
@@ -310,19 +311,6 @@ def _record_ranges(bundle: Path, manifest: Manifest, jobs, progress) -> dict[str
     size = dict(height=min(d.height, RANGE_SIZE), width=min(d.width, RANGE_SIZE))
     pipe(list(RANGE_PROMPTS), num_inference_steps=2, seed=0, **size)  # one pass over the weights per step
     return ranges
-
-
-def _update_range(ranges: dict[str, float], name: str, value) -> None:
-    value = np.asarray(value)
-    if value.dtype.kind != "f" or value.size == 0:
-        return
-    if np.isnan(value).any():
-        ranges[name] = math.nan
-        return
-    finite = value[np.isfinite(value)]
-    peak = float(np.abs(finite).max()) if finite.size else 0.0
-    previous = ranges.get(name, 0.0)
-    ranges[name] = previous if math.isnan(previous) else max(previous, peak)
 
 
 def _check_loads(path: Path) -> None:

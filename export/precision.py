@@ -13,7 +13,8 @@ ONNX model to fp16 or bf16 and keeps in fp32 the nodes that need it:
        `Pow(x, 2) -> ReduceMean -> Add(eps) -> Sqrt -> Div(1, .) -> Mul(x, .)`; the
        mean-subtracted LayerNorm adds `ReduceMean -> Sub`): the whole chain stays fp32, since
        x ** 2 overflows fp16 as soon as |x| > 256;
-     - "softmax": Softmax (its exp and sum run in fp32; the logits are as precise as their producer);
+     - "softmax": Softmax (its exp and sum run in fp32), and the computation of logits that exceed
+       `softmax_input_limit` (fp16 cannot hold large logits precisely enough for exp);
      - "index": float arithmetic that ends in a cast to an integer (T5's relative-position buckets,
        shape arithmetic) is kept with its float ancestors, so rounding cannot move a bucket;
      - "embedding": Sin / Cos and the float arithmetic feeding them (the sinusoidal timestep
@@ -231,7 +232,7 @@ def convert_precision(
     *,
     margin: float = 0.5,
     keep_fp32_ops: tuple[str, ...] = DEFAULT_KEEP_FP32_OPS,
-    softmax_input_limit: float = 256.0,
+    softmax_input_limit: float = 16.0,
     opset: int | None = None,
 ) -> PrecisionReport:
     """Write `out_path`: the fp32 model at `model_path` in fp16 or bf16, with fp32 islands.
@@ -249,7 +250,9 @@ def convert_precision(
             decomposed forms; "Sin" / "Cos" keep their float arguments too. The "index" rule (float
             arithmetic cast to an integer) and "unsupported" ops apply always.
         softmax_input_limit: with ranges, a kept Softmax whose logits exceed this also keeps the
-            logits' producer fp32 (fp16 spacing at 256 is 0.25, which moves exp(x) by up to 13%).
+            logits' computation fp32, back to and including its MatMul (fp16 spacing at 16 is
+            2**-6, which moves exp(x) by up to 0.8%; T5's unscaled logits reach ~80 with XXL widths,
+            where the spacing is 2**-4 and its fp16 output drifted 1.5e-2 from fp32).
         opset: convert the graph to this opset first (`onnx.version_converter`). The ONNX spec
             admits bfloat16 for Conv, InstanceNormalization, Einsum, Sin, Cos, ConstantOfShape only
             from opset 22 (float16 is fine at 18): below it those nodes stay fp32 ("unsupported").
@@ -285,7 +288,7 @@ def convert_model(
     *,
     margin: float = 0.5,
     keep_fp32_ops: tuple[str, ...] = DEFAULT_KEEP_FP32_OPS,
-    softmax_input_limit: float = 256.0,
+    softmax_input_limit: float = 16.0,
     opset: int | None = None,
     deferred: frozenset[str] | set[str] = frozenset(),
     weights=None,
@@ -530,9 +533,15 @@ def _islands(graph, types, ranges, limit, keep_ops, softmax_input_limit, slots: 
                 mark(n, "overflow")
         for n in graph.node:
             if n.op_type == "Softmax" and n.name in keep and ranges.get(n.input[0], 0.0) > softmax_input_limit:
-                p = producer.get(n.input[0])
-                if p is not None:
+                # The logits' whole computation: the elementwise ops (scale, bias, mask) and the MatMul.
+                stack = [producer.get(n.input[0])]
+                while stack:
+                    p = stack.pop()
+                    if p is None or p.name in keep or not float_node(p):
+                        continue
                     mark(p, "softmax")
+                    if p.op_type not in _HEAVY:
+                        stack += [producer.get(t) for t in p.input if is_float(t)]
     return keep
 
 

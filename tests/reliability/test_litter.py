@@ -82,9 +82,20 @@ def test_generate_onto_a_full_disk_leaves_no_file(tiny_sd3_bundle, tmp_path, in_
     assert tmpfs_listing(result) == []
 
 
-def test_export_onto_a_full_disk_leaves_nothing(tiny_sd3_dir, tmp_path, in_tmpfs, shell_cli, tmpfs_listing):
+def test_export_onto_a_too_small_disk_is_refused_before_writing(tiny_sd3_dir, tmp_path, in_tmpfs, shell_cli, tmpfs_listing):
     mnt = tmp_path / "mnt"
     result = in_tmpfs(mnt, "1m", shell_cli("export", tiny_sd3_dir, "-o", mnt / "bundle"))
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the bundle needs about 3.3 MB for its weights") and "MB free" in last, last
+    assert "Traceback" not in result.stderr and tmpfs_listing(result) == []
+
+
+def test_export_onto_a_disk_that_fills_up_leaves_nothing(tiny_sd3_dir, tmp_path, in_tmpfs, shell_cli, tmpfs_listing):
+    """Room for the weights (the check up front passes), not for the whole bundle."""
+    weights = sum(f.stat().st_size for f in Path(tiny_sd3_dir).rglob("*.safetensors"))
+    mnt = tmp_path / "mnt"
+    result = in_tmpfs(mnt, f"{weights // 1024 + 64}k", shell_cli("export", tiny_sd3_dir, "-o", mnt / "bundle"))
     assert result.returncode == 2, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: could not write") and "the disk is full" in last and "Traceback" not in result.stderr
