@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from latentrt.bench.flops import gemm_rates, onnx_flops
+from latentrt.calibration.quality import compare_pixels
 from latentrt.errors import InputError, LatentRTError
 from latentrt.runtime.backends.cpu import cpu_info
 
@@ -105,7 +106,8 @@ def default_backends(*, int8: bool = False) -> tuple[str, ...]:
 class BackendResult:
     """Seconds per stage (median/min/max over runs), peak RSS, and comparisons with torch and the floor.
 
-    `speedup_vs_torch` and `max_abs_diff_vs_torch` compare with diffusers in float32 ("torch");
+    `speedup_vs_torch`, `max_abs_diff_vs_torch` and `psnr_db_vs_torch` (mean over the batch's images)
+    compare with diffusers in float32 ("torch");
     `speedup_vs_fastest_torch` with the faster of "torch" and "torch-bf16" (those that ran).
     `floor_fraction` is the floor's time over the measured one, per stage, with the floor at
     `floor_gflops`: the fastest matrix rate measured on this machine among the precisions the
@@ -122,6 +124,7 @@ class BackendResult:
     floor_fraction: dict[str, float] = field(default_factory=dict)
     speedup_vs_fastest_torch: float | None = None
     floor_gflops: float | None = None
+    psnr_db_vs_torch: float | None = None
 
 
 @dataclass
@@ -154,8 +157,9 @@ class BenchReport:
         lines += [
             "",
             "| backend | end to end (median, min-max) | text encoding | denoising step | VAE decode | speedup vs torch fp32 "
-            f"| speedup vs fastest torch ({fastest_torch or '-'}) | peak RSS | max abs diff vs torch | fraction of the floor (step) |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            f"| speedup vs fastest torch ({fastest_torch or '-'}) | peak RSS | max abs diff vs torch | PSNR vs torch "
+            "| fraction of the floor (step) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         ratio = lambda v: f"{v:.2f}x" if v else "-"  # noqa: E731
         for r in self.backends.values():
@@ -167,6 +171,7 @@ class BenchReport:
                 f"| {s['vae_decode']['median'] * 1e3:.1f} ms | {ratio(r.speedup_vs_torch)} | {ratio(r.speedup_vs_fastest_torch)} "
                 f"| {r.peak_rss_mb:.0f} MB | "
                 + (f"{r.max_abs_diff_vs_torch:.1e}" if r.max_abs_diff_vs_torch is not None else "-")
+                + (f" | {r.psnr_db_vs_torch:.1f} dB" if r.psnr_db_vs_torch is not None else " | -")
                 + f" | {r.floor_fraction.get('denoising_step', float('nan')):.2f} |"
             )
         flops = ", ".join(f"{k} {v / 1e9:.2f} GFLOP" for k, v in self.flops.items())
@@ -295,6 +300,7 @@ def run_bench(config: BenchConfig, *, progress: Callable[[str], None] | None = N
         if "torch" in results:
             r.speedup_vs_torch = results["torch"].end_to_end_median_s / r.end_to_end_median_s
             r.max_abs_diff_vs_torch = float(np.abs(images[backend] - images["torch"]).max())
+            r.psnr_db_vs_torch = float(np.mean(compare_pixels(images["torch"], images[backend])))
         if fastest_torch:
             r.speedup_vs_fastest_torch = results[fastest_torch].end_to_end_median_s / r.end_to_end_median_s
     cpu = cpu_info()

@@ -9,6 +9,7 @@ import pytest
 
 from latentrt.bench import BenchConfig, BenchReport, run_bench, runner
 from latentrt.bench.flops import onnx_flops
+from latentrt.calibration.quality import MAX_PSNR_DB
 from latentrt.errors import InputError
 
 
@@ -100,6 +101,7 @@ def test_torch_vs_onnxruntime_report(tiny_sd3_dir, tiny_sd3_bundle):
     assert ort_r.speedup_vs_torch == pytest.approx(torch_r.end_to_end_median_s / ort_r.end_to_end_median_s)
     assert ort_r.speedup_vs_fastest_torch == ort_r.speedup_vs_torch and report.machine["fastest_torch"] == "torch"
     assert ort_r.max_abs_diff_vs_torch <= 2e-3  # same latents, same image
+    assert torch_r.psnr_db_vs_torch == MAX_PSNR_DB and ort_r.psnr_db_vs_torch > 50
     rates = report.machine["matrix_gflops"]
     assert set(rates["float32"]) >= {"numpy", "onnxruntime"} and set(rates["int8"]) >= {"onnxruntime u8s8", "onnxruntime u8u8"}
     for r in (torch_r, ort_r):
@@ -138,6 +140,7 @@ def test_bf16_baseline_and_int8_backends(tiny_sd3_dir, tiny_sd3_bundle, int8_bun
         assert result.speedup_vs_fastest_torch == pytest.approx(r[fastest].end_to_end_median_s / result.end_to_end_median_s)
         assert 0 < result.floor_fraction["denoising_step"] <= 1
     assert 1e-3 < r["torch-bf16"].max_abs_diff_vs_torch < 0.5  # bf16's 8-bit mantissa, same image
+    assert 15 < r["torch-bf16"].psnr_db_vs_torch < r["openvino"].psnr_db_vs_torch
     assert r["openvino"].max_abs_diff_vs_torch <= 2e-3
     assert r["openvino-int8"].max_abs_diff_vs_torch < 0.5 and r["onnxruntime-int8"].max_abs_diff_vs_torch < 0.5
     rates = report.machine["matrix_gflops"]

@@ -195,3 +195,26 @@ def test_missing_openvino_says_how_to_install(monkeypatch, bundle):
     monkeypatch.setattr(builtins, "__import__", no_openvino)
     with pytest.raises(LatentRTError, match=r"pip install -e \"\.\[openvino\]\""):
         Pipeline.load(bundle, backend="openvino")
+
+
+def test_cli_generate_and_eval_on_openvino(bundle, tmp_path, capsys, monkeypatch):
+    """`--backend openvino` for generate and eval; eval --compare measures OpenVINO against ONNX Runtime's
+    float32 (on 4 of the demo's 64 eval prompts, 2 held-out and 2 seen, to keep the test short)."""
+    import json
+
+    from latentrt.cli.main import main
+    from latentrt.models.demo import evaluate
+
+    prompts = evaluate.eval_prompts
+    monkeypatch.setattr(evaluate, "eval_prompts", lambda seed: [p for p in prompts(seed) if p[2]][:2] + [p for p in prompts(seed) if not p[2]][:2])
+    image = tmp_path / "x.png"
+    assert main(["generate", str(bundle), "-p", "a red circle", "-o", str(image), "--steps", "2", "--backend", "openvino"]) == 0
+    assert image.is_file() and "total" in capsys.readouterr().out
+    report = tmp_path / "eval.json"
+    code = main(["eval", str(bundle), "--backend", "openvino", "--compare", str(bundle), "--steps", "1", "--json", str(report)])
+    assert code == 0
+    result = json.loads(report.read_text())
+    assert result["settings"]["backend"] == "openvino" and result["settings"]["reference_backend"] == "onnxruntime"
+    assert len(result["psnr_db"]) == result["settings"]["prompts"] == 4
+    assert min(result["psnr_db"]) > (60 if not cpu.cpu_info().bf16 else 30)  # float32 here: the same images
+    assert "PSNR against the reference" in capsys.readouterr().out
