@@ -174,6 +174,11 @@ class BenchReport:
                 + (f" | {r.psnr_db_vs_torch:.1f} dB" if r.psnr_db_vs_torch is not None else " | -")
                 + f" | {r.floor_fraction.get('denoising_step', float('nan')):.2f} |"
             )
+        ours = [r for r in self.backends.values() if r.backend not in TORCH_BACKENDS]
+        if ours and fastest_torch:
+            best = min(ours, key=lambda r: r.end_to_end_median_s)
+            lines += ["", f"Fastest latentrt backend: {best.backend}, {ratio(best.speedup_vs_fastest_torch)} over the fastest torch "
+                      f"configuration ({fastest_torch})" + (f", {ratio(best.speedup_vs_torch)} over torch fp32." if best.speedup_vs_torch else ".")]
         flops = ", ".join(f"{k} {v / 1e9:.2f} GFLOP" for k, v in self.flops.items())
         floors = sorted({r.floor_gflops for r in self.backends.values() if r.floor_gflops})
         lines += ["", f"FLOPs per call: {flops}; floor per stage at the float32 GEMM rate: "

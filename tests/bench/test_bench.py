@@ -149,3 +149,5 @@ def test_bf16_baseline_and_int8_backends(tiny_sd3_dir, tiny_sd3_bundle, int8_bun
     assert r["torch"].floor_gflops == pytest.approx(max(rates["float32"].values()))
     if not report.machine["bf16"]:
         assert "PyTorch emulates bf16 here" in report.to_markdown()
+    best = min(("openvino", "onnxruntime-int8", "openvino-int8"), key=lambda b: r[b].end_to_end_median_s)
+    assert f"Fastest latentrt backend: {best}, {r[best].speedup_vs_fastest_torch:.2f}x over the fastest torch configuration ({fastest})" in report.to_markdown()
