@@ -63,35 +63,104 @@ def onnx_flops(path: str | os.PathLike, input_shapes: dict[str, list[int]]) -> f
     return flops
 
 
-def gemm_rates(size: int = 1024, seconds: float = 1.0, threads: int = 0) -> dict[str, float]:
-    """The machine's dense float32 GEMM rate (FLOP/s), best of repeated [size x size] products, through
-    numpy's BLAS and through ONNX Runtime's MatMul (`threads` intra-op threads, 0: its default).
+#: what each precision class of matrix rate may use: a backend's floor takes the fastest rate among
+#: the classes it can run (`BACKEND_PRECISIONS` in runner.py)
+PRECISIONS = ("float32", "bfloat16", "int8")
 
-    The floor uses the faster of the two: on the 2-core AVX-512 machine ONNX Runtime's GEMM runs at
-    ~430 GFLOP/s and numpy's at ~250, so a floor from numpy alone is one the runtime can beat.
+
+def gemm_rates(size: int = 1024, seconds: float = 2.0, threads: int = 0, *, bf16: bool | None = None) -> dict[str, dict[str, float]]:
+    """The machine's dense GEMM rates (FLOP/s), best of repeated [size x size] products, by precision
+    and library: `{"float32": {"numpy": r, "onnxruntime": r, "openvino": r}, "bfloat16": {...}, "int8": {...}}`.
+
+    float32: numpy's BLAS, ONNX Runtime's MatMul, OpenVINO's (when installed). bfloat16 (only where the
+    CPU has bf16 matrix instructions, or `bf16=True`): PyTorch's matmul and OpenVINO's, when installed.
+    int8: ONNX Runtime's `MatMulInteger` with int8 weights (u8 x s8, the fastest x86 kernel even where it
+    saturates) and uint8 weights (u8 x u8), and OpenVINO's on a Q/DQ MatMul. `threads`: intra-op threads
+    (0: each library's default). A library that is not installed is left out.
+
+    A floor from the fastest of these is one no backend's GEMMs should beat: on the 2-core AVX-512 EPYC
+    ONNX Runtime's float32 GEMM ran at ~430 GFLOP/s and numpy's at ~250, so a floor from numpy alone
+    was one the runtime beat.
     """
     import onnxruntime as ort
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
+    from latentrt.runtime.backends.cpu import cpu_info
+
+    bf16 = cpu_info().bf16 if bf16 is None else bf16
     rng = np.random.default_rng(0)
     a = rng.standard_normal((size, size), dtype=np.float32)
     b = rng.standard_normal((size, size), dtype=np.float32)
-    spec = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [size, size])  # noqa: E731
-    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm", [spec("a"), spec("b")], [spec("c")])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(
-        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    products = {"numpy": lambda: a @ b, "onnxruntime": lambda: session.run(None, {"a": a, "b": b})}
-    rates = {}
-    for library, product in products.items():
+    a_u8 = rng.integers(0, 256, (size, size), dtype=np.uint8)
+    products: dict[tuple[str, str], object] = {("float32", "numpy"): lambda: a @ b}
+
+    def ort_session(nodes, inputs, outputs, inits):
+        graph = helper.make_graph(nodes, "gemm", inputs, outputs, inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+    spec = lambda name, dtype: helper.make_tensor_value_info(name, dtype, [size, size])  # noqa: E731
+    f32 = ort_session([helper.make_node("MatMul", ["a", "b"], ["c"])], [spec("a", TensorProto.FLOAT)], [spec("c", TensorProto.FLOAT)], [numpy_helper.from_array(b, "b")])
+    products[("float32", "onnxruntime")] = lambda: f32.run(None, {"a": a})
+    for name, weights in (("onnxruntime u8s8", rng.integers(-127, 128, (size, size), dtype=np.int8)), ("onnxruntime u8u8", rng.integers(0, 256, (size, size), dtype=np.uint8))):
+        session = ort_session(
+            [helper.make_node("MatMulInteger", ["a", "w"], ["c"])], [spec("a", TensorProto.UINT8)], [spec("c", TensorProto.INT32)],
+            [numpy_helper.from_array(weights, "w")],
+        )
+        products[("int8", name)] = lambda session=session: session.run(None, {"a": a_u8})
+    products.update(_openvino_products(a, b, threads, bf16))
+    if bf16:
+        products.update(_torch_products(a, b, threads))
+
+    rates: dict[str, dict[str, float]] = {}
+    budget = seconds / len(products)
+    for (precision, library), product in products.items():
         product()  # warm up
         best = float("inf")
-        deadline = time.perf_counter() + seconds / len(products)
+        deadline = time.perf_counter() + budget
         while time.perf_counter() < deadline:
             start = time.perf_counter()
             product()
             best = min(best, time.perf_counter() - start)
-        rates[library] = 2.0 * size**3 / best
+        rates.setdefault(precision, {})[library] = 2.0 * size**3 / best
     return rates
+
+
+def _openvino_products(a: np.ndarray, b: np.ndarray, threads: int, bf16: bool) -> dict:
+    """OpenVINO's float32 (and bf16) MatMul, and its int8 one on a Q/DQ graph as calibrated bundles write it."""
+    try:
+        import openvino as ov
+        import openvino.opset13 as ops
+    except ImportError:
+        return {}
+    core = ov.Core()
+    config = {"PERFORMANCE_HINT": "LATENCY", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+    products = {}
+    for precision, hint in (("float32", "f32"), ("bfloat16", "bf16")):
+        if precision == "bfloat16" and not bf16:
+            continue
+        x = ops.parameter(list(a.shape), ov.Type.f32)
+        request = core.compile_model(ov.Model([ops.matmul(x, ops.constant(b), False, False)], [x]), "CPU", {**config, "INFERENCE_PRECISION_HINT": hint}).create_infer_request()
+        products[(precision, "openvino")] = lambda request=request: request.infer({0: a})
+    # int8: activations quantized per tensor, weights int8 per output channel (symmetric), as `latentrt calibrate` writes them.
+    x = ops.parameter(list(a.shape), ov.Type.f32)
+    limit = float(np.abs(a).max())
+    quantized = ops.fake_quantize(x, *(ops.constant(np.float32(v)) for v in (-limit, limit, -limit, limit)), 255)
+    scale = np.abs(b).max(axis=0, keepdims=True) / 127.0
+    weights = ops.multiply(ops.convert(ops.constant(np.round(b / scale).astype(np.int8)), ov.Type.f32), ops.constant(scale.astype(np.float32)))
+    request = core.compile_model(ov.Model([ops.matmul(quantized, weights, False, False)], [x]), "CPU", config).create_infer_request()
+    products[("int8", "openvino")] = lambda: request.infer({0: a})
+    return products
+
+
+def _torch_products(a: np.ndarray, b: np.ndarray, threads: int) -> dict:
+    try:
+        import torch
+    except ImportError:
+        return {}
+    if threads:
+        torch.set_num_threads(threads)
+    ta, tb = torch.from_numpy(a).bfloat16(), torch.from_numpy(b).bfloat16()
+    return {("bfloat16", "torch"): lambda: torch.mm(ta, tb)}

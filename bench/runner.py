@@ -18,11 +18,25 @@ from typing import Any
 import numpy as np
 
 from latentrt.bench.flops import gemm_rates, onnx_flops
+from latentrt.calibration.quality import compare_pixels
 from latentrt.errors import InputError, LatentRTError
+from latentrt.runtime.backends.cpu import cpu_info
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8", "tensorrt")
+BACKENDS = ("torch", "torch-bf16", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-int8", "tensorrt")
+TORCH_BACKENDS = ("torch", "torch-bf16")
+INT8_BACKENDS = ("onnxruntime-int8", "openvino-int8")
+#: the matrix precisions each backend may run; its floor uses the fastest measured rate among them
+BACKEND_PRECISIONS = {
+    "torch": ("float32",),
+    "torch-bf16": ("float32", "bfloat16"),
+    "onnxruntime": ("float32",),
+    "onnxruntime-int8": ("float32", "int8"),
+    "openvino": ("float32", "bfloat16"),
+    "openvino-int8": ("float32", "bfloat16", "int8"),
+    "tensorrt": ("float32", "bfloat16", "int8"),
+}
 STAGES = ("text_encoding", "denoising_step", "vae_decode", "end_to_end")
 # Pause before each request: worker threads of the backend that ran just before (OpenMP's in torch)
 # keep spinning for a while after their call and would take the cores from the next backend's first
@@ -37,8 +51,9 @@ class BenchConfig:
     Attributes:
         source: the diffusers pipeline directory (or preset) the torch reference loads.
         bundle: its latentrt bundle; exported into a temporary directory when None.
-        int8_bundle: the quantized bundle for the "onnxruntime-int8" backend.
-        backends: any of "torch", "onnxruntime", "onnxruntime-int8", "tensorrt".
+        int8_bundle: the quantized bundle for the "onnxruntime-int8" and "openvino-int8" backends.
+        backends: any of "torch" (diffusers, float32), "torch-bf16" (diffusers with `torch_dtype=torch.bfloat16`),
+            "onnxruntime", "onnxruntime-int8", "openvino", "openvino-int8", "tensorrt"; empty: `default_backends()`.
         height, width, guidance_scale: default to the bundle's defaults.
         runs, warmup: timed and untimed repetitions per backend.
         threads: intra-op threads per backend (0: the library's default, all cores).
@@ -47,7 +62,7 @@ class BenchConfig:
     source: str
     bundle: str | None = None
     int8_bundle: str | None = None
-    backends: tuple[str, ...] = ("torch", "onnxruntime")
+    backends: tuple[str, ...] = ()
     prompt: str = "a large red circle on the left"
     steps: int = 8
     height: int | None = None
@@ -60,20 +75,44 @@ class BenchConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if not self.backends:
+            object.__setattr__(self, "backends", default_backends(int8=self.int8_bundle is not None))
         unknown = [b for b in self.backends if b not in BACKENDS]
         if unknown:
             raise InputError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
-        if not self.backends:
-            raise InputError("no backends to benchmark")
-        if "onnxruntime-int8" in self.backends and not self.int8_bundle:
-            raise InputError("the onnxruntime-int8 backend needs --int8-bundle (a bundle written by `latentrt calibrate`)")
+        if len(set(self.backends)) != len(self.backends):
+            raise InputError(f"backends {', '.join(self.backends)} name one twice; list each once")
+        for backend in INT8_BACKENDS:
+            if backend in self.backends and not self.int8_bundle:
+                raise InputError(f"the {backend} backend needs --int8-bundle (a bundle written by `latentrt calibrate`)")
         if self.steps < 1 or self.runs < 1 or self.warmup < 0 or self.batch < 1:
             raise InputError(f"steps, runs and batch must be >= 1 and warmup >= 0 (got {self.steps}, {self.runs}, {self.batch}, {self.warmup})")
 
 
+def default_backends(*, int8: bool = False) -> tuple[str, ...]:
+    """What a user of this machine would compare: diffusers in float32, and in bf16 where the CPU has
+    bf16 matrix instructions (one `torch_dtype` argument); latentrt on ONNX Runtime, and on OpenVINO when
+    it is installed; with an int8 bundle, both int8 backends."""
+    import importlib.util
+
+    openvino = importlib.util.find_spec("openvino") is not None
+    backends = ["torch"] + (["torch-bf16"] if cpu_info().bf16 else []) + ["onnxruntime"] + (["openvino"] if openvino else [])
+    if int8:
+        backends += ["onnxruntime-int8"] + (["openvino-int8"] if openvino else [])
+    return tuple(backends)
+
+
 @dataclass
 class BackendResult:
-    """Seconds per stage (median/min/max over runs), peak RSS, and comparisons with torch and the floor."""
+    """Seconds per stage (median/min/max over runs), peak RSS, and comparisons with torch and the floor.
+
+    `speedup_vs_torch`, `max_abs_diff_vs_torch` and `psnr_db_vs_torch` (mean over the batch's images)
+    compare with diffusers in float32 ("torch");
+    `speedup_vs_fastest_torch` with the faster of "torch" and "torch-bf16" (those that ran).
+    `floor_fraction` is the floor's time over the measured one, per stage, with the floor at
+    `floor_gflops`: the fastest matrix rate measured on this machine among the precisions the
+    backend may run (`BACKEND_PRECISIONS`).
+    """
 
     backend: str
     load_s: float
@@ -83,6 +122,9 @@ class BackendResult:
     speedup_vs_torch: float | None = None
     max_abs_diff_vs_torch: float | None = None
     floor_fraction: dict[str, float] = field(default_factory=dict)
+    speedup_vs_fastest_torch: float | None = None
+    floor_gflops: float | None = None
+    psnr_db_vs_torch: float | None = None
 
 
 @dataclass
@@ -102,31 +144,46 @@ class BenchReport:
 
     def to_markdown(self) -> str:
         c, m = self.config, self.machine
+        rates = m.get("matrix_gflops") or {"float32": m.get("gemm_gflops_by_library", {"best": m["gemm_gflops"]})}
+        fastest_torch = m.get("fastest_torch")
         lines = [
             f"{c['steps']} steps, {c['height']}x{c['width']}, batch {c['batch']}, guidance {c['guidance_scale']}, "
-            f"{c['runs']} runs; {m['cpu']} ({m['cores']} cores), float32 GEMM "
-            + ", ".join(f"{k} {v:.0f}" for k, v in m.get("gemm_gflops_by_library", {"best": m["gemm_gflops"]}).items())
-            + " GFLOP/s",
-            "",
-            "| backend | end to end (median, min-max) | text encoding | denoising step | VAE decode | speedup vs torch "
-            "| peak RSS | max abs diff vs torch | fraction of the floor (step) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            f"{c['runs']} runs; CPU: {m['cpu']} ({m['cores']} cores); matrix ISA: {m.get('matrix_isa', '?')}",
+            "GEMM rates (GFLOP/s): "
+            + "; ".join(f"{p} " + ", ".join(f"{k} {v:.0f}" for k, v in r.items()) for p, r in rates.items()),
         ]
+        if "torch-bf16" in self.backends and not m.get("bf16", True):
+            lines.append("torch-bf16: this CPU has no bf16 matrix instructions; PyTorch emulates bf16 here.")
+        lines += [
+            "",
+            "| backend | end to end (median, min-max) | text encoding | denoising step | VAE decode | speedup vs torch fp32 "
+            f"| speedup vs fastest torch ({fastest_torch or '-'}) | peak RSS | max abs diff vs torch | PSNR vs torch "
+            "| fraction of the floor (step) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        ratio = lambda v: f"{v:.2f}x" if v else "-"  # noqa: E731
         for r in self.backends.values():
             s = r.stages
             e2e = s["end_to_end"]
             lines.append(
                 f"| {r.backend} | {e2e['median']:.3f} s ({e2e['min']:.3f}-{e2e['max']:.3f}) "
                 f"| {s['text_encoding']['median'] * 1e3:.1f} ms | {s['denoising_step']['median'] * 1e3:.1f} ms "
-                f"| {s['vae_decode']['median'] * 1e3:.1f} ms | "
-                + (f"{r.speedup_vs_torch:.2f}x" if r.speedup_vs_torch else "-")
-                + f" | {r.peak_rss_mb:.0f} MB | "
+                f"| {s['vae_decode']['median'] * 1e3:.1f} ms | {ratio(r.speedup_vs_torch)} | {ratio(r.speedup_vs_fastest_torch)} "
+                f"| {r.peak_rss_mb:.0f} MB | "
                 + (f"{r.max_abs_diff_vs_torch:.1e}" if r.max_abs_diff_vs_torch is not None else "-")
+                + (f" | {r.psnr_db_vs_torch:.1f} dB" if r.psnr_db_vs_torch is not None else " | -")
                 + f" | {r.floor_fraction.get('denoising_step', float('nan')):.2f} |"
             )
+        ours = [r for r in self.backends.values() if r.backend not in TORCH_BACKENDS]
+        if ours and fastest_torch:
+            best = min(ours, key=lambda r: r.end_to_end_median_s)
+            lines += ["", f"Fastest latentrt backend: {best.backend}, {ratio(best.speedup_vs_fastest_torch)} over the fastest torch "
+                      f"configuration ({fastest_torch})" + (f", {ratio(best.speedup_vs_torch)} over torch fp32." if best.speedup_vs_torch else ".")]
         flops = ", ".join(f"{k} {v / 1e9:.2f} GFLOP" for k, v in self.flops.items())
-        lines += ["", f"FLOPs per call: {flops}; floor per stage at the GEMM rate: "
-                  + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.floor_s.items())]
+        floors = sorted({r.floor_gflops for r in self.backends.values() if r.floor_gflops})
+        lines += ["", f"FLOPs per call: {flops}; floor per stage at the float32 GEMM rate: "
+                  + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.floor_s.items())
+                  + ("; floor rates by backend: " + ", ".join(f"{r.backend} {r.floor_gflops:.0f}" for r in self.backends.values() if r.floor_gflops) + " GFLOP/s" if floors else "")]
         return "\n".join(lines)
 
 
@@ -194,7 +251,7 @@ def run_bench(config: BenchConfig, *, progress: Callable[[str], None] | None = N
                     {
                         "backend": backend,
                         "source": str(source),
-                        "bundle": str(config.int8_bundle if backend == "onnxruntime-int8" else bundle),
+                        "bundle": str(config.int8_bundle if backend in INT8_BACKENDS else bundle),
                         "threads": config.threads,
                     },
                 )
@@ -219,10 +276,10 @@ def run_bench(config: BenchConfig, *, progress: Callable[[str], None] | None = N
         if progress:
             progress("measuring the GEMM rate")
         rates = gemm_rates(threads=config.threads)
-        rate = max(rates.values())
         flops = _stage_flops(bundle, manifest, family, replies, config)
 
-    floor = {stage: f / rate for stage, f in flops.items()}
+    float32_rate = max(rates["float32"].values())
+    floor = {stage: f / float32_rate for stage, f in flops.items()}
     results = {}
     for backend in config.backends:
         runs = timings[backend]
@@ -232,25 +289,36 @@ def run_bench(config: BenchConfig, *, progress: Callable[[str], None] | None = N
             "vae_decode": _stats([t["vae_decode"] for t in runs]),
             "end_to_end": _stats([t["total"] for t in runs]),
         }
+        rate = max(v for p in BACKEND_PRECISIONS[backend] for v in rates.get(p, {}).values())
         results[backend] = BackendResult(
             backend=backend,
             load_s=workers[backend].ready["load_s"],
             peak_rss_mb=replies[backend]["peak_rss_mb"],
             stages=stages,
             end_to_end_median_s=stages["end_to_end"]["median"],
-            floor_fraction={s: floor[s] / stages[s]["median"] for s in floor if stages[s]["median"] > 0},
+            floor_fraction={s: flops[s] / rate / stages[s]["median"] for s in flops if stages[s]["median"] > 0},
+            floor_gflops=rate / 1e9,
         )
-    if "torch" in results:
-        reference = results["torch"].end_to_end_median_s
-        for backend, r in results.items():
-            r.speedup_vs_torch = reference / r.end_to_end_median_s
+    torches = [b for b in TORCH_BACKENDS if b in results]
+    fastest_torch = min(torches, key=lambda b: results[b].end_to_end_median_s) if torches else None
+    for backend, r in results.items():
+        if "torch" in results:
+            r.speedup_vs_torch = results["torch"].end_to_end_median_s / r.end_to_end_median_s
             r.max_abs_diff_vs_torch = float(np.abs(images[backend] - images["torch"]).max())
+            r.psnr_db_vs_torch = float(np.mean(compare_pixels(images["torch"], images[backend])))
+        if fastest_torch:
+            r.speedup_vs_fastest_torch = results[fastest_torch].end_to_end_median_s / r.end_to_end_median_s
+    cpu = cpu_info()
     machine = {
-        "cpu": _cpu_name(),
+        "cpu": cpu.description,
+        "matrix_isa": cpu.matrix_isa,
+        "bf16": cpu.bf16,
+        "int8_dot": cpu.int8_dot,
         "cores": os.cpu_count(),
         "python": platform.python_version(),
-        "gemm_gflops": rate / 1e9,
-        "gemm_gflops_by_library": {k: v / 1e9 for k, v in rates.items()},
+        "gemm_gflops": float32_rate / 1e9,
+        "matrix_gflops": {p: {k: v / 1e9 for k, v in r.items()} for p, r in rates.items()},
+        "fastest_torch": fastest_torch,
     }
     report_config = {**asdict(config), "height": height, "width": width, "guidance_scale": guidance}
     return BenchReport(config=report_config, machine=machine, flops=flops, floor_s=floor, backends=results)
@@ -293,13 +361,3 @@ def _stage_flops(bundle: Path, manifest, family, replies: dict, config: BenchCon
             flops["text_encoding"] += per_call * calls
     flops["end_to_end"] = flops["text_encoding"] + config.steps * flops["denoising_step"] + flops["vae_decode"]
     return flops
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"

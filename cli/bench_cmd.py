@@ -12,8 +12,13 @@ from latentrt.cli.params import FINITE_FLOAT, NON_NEGATIVE, POSITIVE, check_file
 @click.command("bench")
 @click.argument("source")
 @click.option("--bundle", type=click.Path(), default=None, help="The latentrt bundle of SOURCE (exported if omitted).")
-@click.option("--int8-bundle", type=click.Path(), default=None, help="A bundle from `latentrt calibrate` for onnxruntime-int8.")
-@click.option("--backends", default="torch,onnxruntime", show_default=True, help="Comma-separated: torch, onnxruntime, onnxruntime-int8, tensorrt.")
+@click.option("--int8-bundle", type=click.Path(), default=None, help="A bundle from `latentrt calibrate` for onnxruntime-int8 / openvino-int8.")
+@click.option(
+    "--backends",
+    default=None,
+    help="Comma-separated: torch, torch-bf16, onnxruntime, onnxruntime-int8, openvino, openvino-int8, tensorrt. "
+    "Default: torch, torch-bf16 (CPUs with bf16), onnxruntime, openvino (when installed), and the int8 ones with --int8-bundle.",
+)
 @click.option("--steps", type=POSITIVE, default=8, show_default=True)
 @click.option("--size", default=None, help="HxW (default: the bundle's).")
 @click.option("--batch", type=POSITIVE, default=1, show_default=True, help="Images per call.")
@@ -27,8 +32,10 @@ def command(source, bundle, int8_bundle, backends, steps, size, batch, guidance,
     """Benchmark SOURCE: the same prompt, size, steps, guidance and initial latents through each backend.
 
     Each backend runs in its own process (peak RSS is its own); repetitions alternate between
-    backends. Prints a markdown table: per-stage median/min/max, speedup and largest pixel
-    difference against diffusers in PyTorch, and the fraction of the FLOP floor reached.
+    backends. Prints the CPU and its matrix instruction set, then a markdown table: per-stage
+    median/min/max, speedups against diffusers in float32 and against the fastest torch
+    configuration (bf16 where the CPU has it), the largest pixel difference against diffusers, and
+    the fraction of the FLOP floor reached (at the fastest matrix rate measured for the backend's precisions).
     """
     from latentrt.bench import BenchConfig, run_bench
     from latentrt.errors import InputError
@@ -45,7 +52,7 @@ def command(source, bundle, int8_bundle, backends, steps, size, batch, guidance,
         source=source,
         bundle=bundle,
         int8_bundle=int8_bundle,
-        backends=tuple(b.strip() for b in backends.split(",") if b.strip()),
+        backends=tuple(b.strip() for b in (backends or "").split(",") if b.strip()),
         prompt=prompt,
         steps=steps,
         height=height,

@@ -17,10 +17,17 @@ from latentrt.cli.params import FINITE_FLOAT, POSITIVE, SEED, check_file_output,
 @click.option("--steps", type=POSITIVE, default=None, help="Denoising steps (default 16).")
 @click.option("--guidance", type=FINITE_FLOAT, default=None, help="Guidance scale (default 3.0).")
 @click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "openvino"]), default="onnxruntime", show_default=True,
+              help="What runs BUNDLE.")
+@click.option("--reference-backend", type=click.Choice(["onnxruntime", "tensorrt", "openvino"]), default="onnxruntime", show_default=True,
+              help="What runs the --compare bundle (onnxruntime: float32 everywhere).")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Write the numbers as JSON.")
-def command(bundle, reference, steps, guidance, seed, json_path) -> None:
+def command(bundle, reference, steps, guidance, seed, backend, reference_backend, json_path) -> None:
     """Generate the demo's fixed prompt list (seen and held-out attribute combinations) and score each
-    image with the demo's deterministic analyser: shape, colour, size, position, background."""
+    image with the demo's deterministic analyser: shape, colour, size, position, background.
+
+    `--compare REF` also measures PSNR against REF's images from the same latents; with
+    `--backend openvino --compare BUNDLE` that is OpenVINO's bf16 (or int8) against ONNX Runtime's float32."""
     from tqdm import tqdm
 
     from latentrt.models.demo import evaluate
@@ -39,7 +46,7 @@ def command(bundle, reference, steps, guidance, seed, json_path) -> None:
             bar.n = done
             bar.refresh()
 
-        result = evaluate_bundle(bundle, reference=reference, progress=progress, **kwargs)
+        result = evaluate_bundle(bundle, reference=reference, progress=progress, backend=backend, reference_backend=reference_backend, **kwargs)
     blocks = {"": result} if reference is None else {"reference ": result["reference"], "candidate ": result["quantized"]}
     rows = []
     for label, r in blocks.items():

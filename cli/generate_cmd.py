@@ -21,7 +21,8 @@ from latentrt.cli.params import FINITE_FLOAT, POSITIVE, SEED, check_file_output,
 @click.option("--height", type=POSITIVE, default=None)
 @click.option("--width", type=POSITIVE, default=None)
 @click.option("--num-images", type=POSITIVE, default=1, show_default=True, help="Images per prompt.")
-@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "openvino"]), default="onnxruntime", show_default=True,
+              help="openvino: CPU, with bf16 / int8 matrix units where the CPU has them.")
 @click.option("--grid", is_flag=True, help="Write all images into one PNG, each prompt under its image.")
 def command(bundle, prompt, output, negative_prompt, steps, guidance, seed, height, width, num_images, backend, grid) -> None:
     """Generate images from BUNDLE and print the per-stage timing table.

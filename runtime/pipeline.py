@@ -26,7 +26,7 @@ from latentrt.runtime.tokenizer import PromptTokenizer
 
 logger = logging.getLogger(__name__)
 
-Backend = Literal["onnxruntime", "tensorrt"]  # runtime/backends/__init__.py: BACKENDS
+Backend = Literal["onnxruntime", "tensorrt", "openvino"]  # runtime/backends/__init__.py: BACKENDS
 
 #: the most denoising steps one call takes (diffusers has no limit; a typo like 10**12 should not
 #: allocate terabytes of timesteps)
@@ -112,7 +112,8 @@ class Pipeline:
         """Load a bundle written by `latentrt export`.
 
         Args:
-            backend: "onnxruntime" (any machine) or "tensorrt" (engines built by `latentrt build`).
+            backend: "onnxruntime" (any machine), "tensorrt" (engines built by `latentrt build`) or
+                "openvino" (CPU: bf16 / int8 matrix units where the CPU has them).
             providers: ONNX Runtime execution providers (default CPU).
             threads: ONNX Runtime intra-op threads; 0 lets it choose.
             verify: check every ONNX file's sha256 against the manifest first.
@@ -120,7 +121,7 @@ class Pipeline:
         if not isinstance(bundle, (str, os.PathLike)):
             raise InputError(f"bundle must be a path (str or os.PathLike), got {type(bundle).__name__}")
         if not isinstance(backend, str):
-            raise InputError(f"backend must be a str (onnxruntime or tensorrt), got {type(backend).__name__}")
+            raise InputError(f"backend must be a str (onnxruntime, tensorrt or openvino), got {type(backend).__name__}")
         if not _is_int(threads) or threads < 0:
             raise InputError(f"threads must be an integer >= 0 (0 lets ONNX Runtime choose), got {threads!r}")
         if providers is not None and (isinstance(providers, str) or not all(isinstance(p, str) for p in providers)):

@@ -39,8 +39,13 @@ def evaluate_bundle(
     guidance: float = evaluate.DEFAULT_GUIDANCE,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    backend: str = "onnxruntime",
+    reference_backend: str = "onnxruntime",
 ) -> dict:
     """Attribute accuracy of `bundle` on the fixed eval prompts (seen and held-out combinations).
+
+    `backend` runs `bundle`, `reference_backend` the reference (the same bundle on two backends
+    measures what a backend's precision changes, e.g. OpenVINO's bf16 against ONNX Runtime's float32).
 
     With `reference`, also generate with the reference bundle from the same latents and report PSNR:
     `{"psnr_db_mean", "psnr_db", "reference": {...}, "quantized": {...}}`, each score block having
@@ -56,17 +61,19 @@ def evaluate_bundle(
     prompts = evaluate.eval_prompts(seed)
     captions = [c for c, _, _ in prompts]
 
-    def score(path) -> tuple[dict, np.ndarray]:
-        pixels = generate(Pipeline.load(path), captions, steps=steps, guidance=guidance, seed=seed, progress=progress)
+    def score(path, backend) -> tuple[dict, np.ndarray]:
+        with Pipeline.load(path, backend=backend) as pipe:
+            pixels = generate(pipe, captions, steps=steps, guidance=guidance, seed=seed, progress=progress)
         report = evaluate.score_generated(prompts, pixels)
         report["overall"] = analyser.score([(img, attrs) for img, (_, attrs, _) in zip(pixels, prompts)])["overall"]
         return report, pixels
 
-    settings = {"steps": steps, "guidance_scale": guidance, "seed": seed, "prompts": len(prompts)}
-    candidate, pixels = score(bundle)
+    settings = {"steps": steps, "guidance_scale": guidance, "seed": seed, "prompts": len(prompts), "backend": backend}
+    candidate, pixels = score(bundle, backend)
     if reference is None:
         return {**candidate, "settings": settings}
-    ref_report, ref_pixels = score(reference)
+    settings["reference_backend"] = reference_backend
+    ref_report, ref_pixels = score(reference, reference_backend)
     psnr = compare_pixels(ref_pixels, pixels)
     return {
         "psnr_db_mean": float(np.mean(psnr)),

@@ -16,6 +16,7 @@ from latentrt.runtime.engine import BackendOptions, Engine
 BACKENDS: dict[str, str] = {
     "onnxruntime": "latentrt.runtime.backends.onnxruntime.engine",
     "tensorrt": "latentrt.runtime.backends.tensorrt.engine",
+    "openvino": "latentrt.runtime.backends.openvino.engine",
 }
 
 

@@ -19,11 +19,15 @@ _X86 = {"x86_64", "amd64", "i386", "i686"}
 
 @dataclass(frozen=True)
 class CpuInfo:
-    """The CPU's model name, architecture and flags (`/proc/cpuinfo` on Linux; empty elsewhere)."""
+    """The CPU's model name, architecture and flags (`/proc/cpuinfo` on Linux; empty elsewhere), and
+    on x86 its family and model numbers (a VM may report only "AMD EPYC": family 25 model 1 is a
+    Milan, 25/17 a Genoa)."""
 
     name: str
     machine: str
     flags: frozenset[str]
+    family: str = ""
+    model: str = ""
 
     @property
     def x86(self) -> bool:
@@ -41,6 +45,18 @@ class CpuInfo:
         return bool(self.flags & {"avx512_bf16", "amx_bf16"})
 
     @property
+    def amx(self) -> bool:
+        """AMX tiles (Intel Xeon Sapphire Rapids and later): bf16 and int8 matrix multiplies."""
+        return bool(self.flags & {"amx_bf16", "amx_int8"})
+
+    @property
+    def description(self) -> str:
+        """The name, family/model where known, and the matrix ISA, for benchmark tables:
+        "AMD EPYC (family 25, model 1), avx2"."""
+        ids = f" (family {self.family}, model {self.model})" if self.family and self.model else ""
+        return f"{self.name}{ids}, {self.matrix_isa}"
+
+    @property
     def matrix_isa(self) -> str:
         """The widest matrix instruction set found, for benchmark tables: amx, avx512_bf16, avx512_vnni,
         avx512, avx2, or the machine name elsewhere."""
@@ -53,14 +69,16 @@ class CpuInfo:
 @functools.cache
 def cpu_info() -> CpuInfo:
     """The host CPU (read once per process)."""
-    name, flags = "", frozenset()
+    fields: dict[str, str] = {}
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         for line in cpuinfo.read_text(errors="replace").splitlines():
             key, _, value = line.partition(":")
-            key = key.strip()
-            if key == "model name" and not name:
-                name = value.strip()
-            elif key == "flags" and not flags:
-                flags = frozenset(value.split())
-    return CpuInfo(name=name or platform.processor() or platform.machine(), machine=platform.machine(), flags=flags)
+            fields.setdefault(key.strip(), value.strip())  # the first processor's
+    return CpuInfo(
+        name=fields.get("model name") or platform.processor() or platform.machine(),
+        machine=platform.machine(),
+        flags=frozenset(fields.get("flags", "").split()),
+        family=fields.get("cpu family", ""),
+        model=fields.get("model", ""),
+    )

@@ -76,15 +76,16 @@ class OnnxRuntimeEngine:
         if cpu:
             _shared_cpu_arena()
             options.add_session_config_entry("session.use_env_allocators", "1")
-        # Without VNNI, ONNX Runtime's x86 int8 GEMMs saturate (runtime/backends/cpu.py): Q/DQ graphs
-        # then run as written (dequantize, float GEMM), exact but slower.
-        int8_kernels = not cpu or cpu_info().int8_dot
-        if not int8_kernels:
+        # Without VNNI, ONNX Runtime's x86 u8 x s8 GEMM saturates (runtime/backends/cpu.py): int8 linears
+        # then get uint8 weights and the exact u8 x u8 kernel (fusions.py), and the other Q/DQ nodes
+        # run as written (dequantize, float op).
+        saturating = cpu and not cpu_info().int8_dot
+        if saturating:
             options.add_session_config_entry("session.disable_quant_qdq", "1")
         # ONNX Runtime may map the copy's data file: on Linux it can go at once, elsewhere it may have to wait.
         with tempfile.TemporaryDirectory(prefix="latentrt-", ignore_cleanup_errors=True) as scratch:
             try:
-                rewritten = rewritten_for_onnx_runtime(path, scratch, int8_kernels=int8_kernels) if cpu else None
+                rewritten = rewritten_for_onnx_runtime(path, scratch, unsigned_weights=saturating) if cpu else None
                 self._session = ort.InferenceSession(str(rewritten or path), options, providers=list(providers))
             except Exception as err:  # onnxruntime raises its own exception types
                 raise BundleError(f"ONNX Runtime could not load {path}: {err}") from err

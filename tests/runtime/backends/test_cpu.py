@@ -28,3 +28,12 @@ def test_this_machine_is_read():
     assert info.name and info.machine
     if info.x86 and info.flags:
         assert "sse2" in info.flags
+        assert info.family.isdigit() and info.model.isdigit()
+        assert info.description == f"{info.name} (family {info.family}, model {info.model}), {info.matrix_isa}"
+
+
+def test_description_and_amx():
+    xeon = CpuInfo("Intel(R) Xeon(R) Platinum 8581C", "x86_64", frozenset({"avx512f", "avx512_bf16", "amx_bf16", "amx_int8"}), "6", "207")
+    assert xeon.amx and xeon.description == "Intel(R) Xeon(R) Platinum 8581C (family 6, model 207), amx"
+    epyc = CpuInfo("AMD EPYC", "x86_64", frozenset({"avx2", "fma"}))
+    assert not epyc.amx and epyc.description == "AMD EPYC, avx2"

@@ -78,6 +78,36 @@ def test_int8_linears_become_one_kernel_with_their_bias(int8_bundle, tiny_sd3_bu
     assert fuse_int8_matmuls(onnx.load(str(tiny_sd3_bundle / "onnx" / "transformer.onnx"))) == 0
 
 
+def test_int8_linears_with_unsigned_weights_are_exact(int8_bundle):
+    """For CPUs whose u8 x s8 GEMM saturates: uint8 weights (int8 + 128, zero point 128) send ONNX Runtime
+    to its u8 x u8 kernel, which widens before multiplying. The integers are the same, so the layers give
+    the Q/DQ graph's values on any CPU (and on one without VNNI, the u8 x s8 kernel does not)."""
+    from latentrt.runtime.backends.cpu import cpu_info
+    from onnx import numpy_helper
+
+    path = int8_bundle / "onnx" / "transformer.onnx"
+    model = onnx.load(str(path))
+    assert fuse_int8_matmuls(model, unsigned_weights=True) == 13
+    onnx.checker.check_model(model)
+    inits = {i.name: i for i in model.graph.initializer}
+    fused = [n for n in model.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    for node in fused:
+        weight, zero = numpy_helper.to_array(inits[node.input[1]]), numpy_helper.to_array(inits[node.input[5]])
+        assert weight.dtype == np.uint8 and zero.dtype == np.uint8 and np.all(zero == 128)
+        assert zero.shape == numpy_helper.to_array(inits[node.input[3]]).shape  # one zero point per scale
+    feeds = _transformer_feeds()
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_quant_qdq", "1")  # the reference: the Q/DQ graph in float
+    expected = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    actual = _run(model, feeds)[0]
+    assert np.linalg.norm(actual - expected) / np.linalg.norm(expected) < 1e-4
+    if not cpu_info().int8_dot:
+        signed = onnx.load(str(path))
+        fuse_int8_matmuls(signed)
+        saturated = _run(signed, feeds)[0]
+        assert np.linalg.norm(saturated - expected) / np.linalg.norm(expected) > 1e-3
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter, as the bundles use it
 def test_attention_with_the_scale_computed_at_run_time(tmp_path):
     """Bundles exported before sizes were folded compute 1/sqrt(D) from the query's shape: matched too.
