@@ -192,9 +192,12 @@ def fuse_int8_matmuls(model) -> int:
     return _replace(model, replacements, removed)
 
 
-def fuse_modulations(model) -> int:
+def fuse_modulations(model, derived: dict | None = None) -> int:
     """Rewrite each Gemm whose output is only chunked and broadcast (see the module docstring) in
-    `model` (in place); returns how many."""
+    `model` (in place); returns how many. `derived`, if given, receives for each weight made here
+    from another: {new initializer: (source initializer, per-column scale, rows)} with
+    `new = source * scale` along the output columns (its rows when `rows`), so a later change of
+    the source (LoRA) can be carried over."""
     from onnx import helper, numpy_helper
 
     g = GraphView(model.graph)
@@ -233,6 +236,8 @@ def fuse_modulations(model) -> int:
         ]
         if scaled:
             tensors.append(numpy_helper.from_array(weight, f"{prefix}/modulation_weight"))
+            if derived is not None:
+                derived[tensors[-1].name] = (gemm.input[1], column_scale, rows)
         model.graph.initializer.extend(tensors)
         attrs = {a.name: helper.get_attribute_value(a) for a in gemm.attribute}
         w_name = tensors[-1].name if scaled else gemm.input[1]
@@ -367,18 +372,24 @@ def rewritten_for_onnx_runtime(path: str | os.PathLike, scratch: str | os.PathLi
     if path.stat().st_size > MAX_INLINE_BYTES or (path.parent / (path.name + ".data")).exists():
         return None
     model = onnx.load(str(path))
-    attention = fuse_attention(model)
-    int8 = fuse_int8_matmuls(model) if int8_kernels else 0
-    modulations = fuse_modulations(model)
-    if not attention and not int8 and not modulations:
+    if not rewrite_model(model, int8_kernels=int8_kernels):
         return None
     fd, name = tempfile.mkstemp(suffix=".onnx", dir=scratch)
     os.close(fd)  # only the name is needed: an fd left open here outlived the deleted file, one per load
     out = Path(name)
     # Tensor by tensor into a data file: no second in-memory copy of the weights while writing.
     onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True, location=out.name + ".data")
+    return out
+
+
+def rewrite_model(model, *, int8_kernels: bool = True, derived: dict | None = None) -> bool:
+    """Apply the rewrites above to `model` in place; True if any matched. `derived`: see
+    `fuse_modulations`."""
+    attention = fuse_attention(model)
+    int8 = fuse_int8_matmuls(model) if int8_kernels else 0
+    modulations = fuse_modulations(model, derived)
     log.debug(
         "%s: %d attention blocks as MultiHeadAttention, %d int8 linears as MatMulIntegerToFloat, %d modulations unsqueezed once",
-        path.name, attention, int8, modulations,
+        model.graph.name, attention, int8, modulations,
     )
-    return out
+    return bool(attention or int8 or modulations)
