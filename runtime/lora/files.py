@@ -20,6 +20,7 @@ import numpy as np
 
 from latentrt.errors import InputError
 
+_PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _NON_NUMPY = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
@@ -34,12 +35,14 @@ def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict
         raise InputError(f"LoRA file {path} does not exist")
     with open(path, "rb") as f:
         head = f.read(9)
-    if head[:1] == b"\x80" or head[:2] == b"PK" or path.suffix.lower() in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
-        raise InputError(
-            f"{path} is a pickled PyTorch file: latentrt reads LoRA weights only from safetensors (a pickle can run code "
-            "when loaded). Convert it once where you trust it: `safetensors.torch.save_file(torch.load(f), 'lora.safetensors')`"
-        )
-    if len(head) < 9 or head[8:9] != b"{":
+    size = path.stat().st_size
+    safetensors = len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8
+    if not safetensors:
+        if head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or head[:4] == b"PK\x03\x04" or path.suffix.lower() in _PICKLES:
+            raise InputError(
+                f"{path} is a pickled PyTorch file: latentrt reads LoRA weights only from safetensors (a pickle can run code "
+                "when loaded). Convert it once where you trust it: `safetensors.torch.save_file(torch.load(f), 'lora.safetensors')`"
+            )
         raise InputError(f"{path} is not a safetensors file (no JSON header after the 8-byte length); pass a .safetensors LoRA")
     from safetensors import safe_open
 
