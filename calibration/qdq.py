@@ -46,13 +46,16 @@ def _zeros(shape: tuple[int, ...], precision: Precision) -> np.ndarray:
 
 
 def insert_qdq(
-    model: onnx.ModelProto, layers: Sequence[Layer], activation_amax: Mapping[str, float], precision: Precision
+    model: onnx.ModelProto, layers: Sequence[Layer], activation_amax: Mapping[str, float], precision: Precision,
+    quantized: dict | None = None,
 ) -> int:
     """Quantize `layers` of `model` in place; returns the number of quantized nodes.
 
     Args:
         layers: from `graph.find_layers(model)` (after any smoothing), already filtered.
         activation_amax: per activation tensor, the calibrated range.
+        quantized: if given, receives {quantized weight: (float weight it was made from, its
+            per-channel scale initializer, channel axis)} (the weight map follows it, for LoRA).
     """
     if precision == "fp8":
         set_opset(model, FP8_MIN_OPSET)
@@ -84,6 +87,8 @@ def insert_qdq(
         base = f"{layer.node}/{layer.weight}"
         graph.initializer.append(_tensor(f"{base}_quantized", quantize_weight(weight, scales, layer.weight_axis, precision)))
         graph.initializer.append(_tensor(f"{base}_scale", scales))
+        if quantized is not None:
+            quantized[f"{base}_quantized"] = (layer.weight, f"{base}_scale", layer.weight_axis)
         graph.initializer.append(_tensor(f"{base}_zero_point", _zeros(scales.shape, precision)))
         dq = onnx.helper.make_node(
             "DequantizeLinear",
