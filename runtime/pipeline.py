@@ -10,6 +10,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -420,12 +421,28 @@ class Pipeline:
         if lacking:
             raise InputError(f"the engines of {lacking} cannot change their weights; load the bundle with backend='onnxruntime' or 'tensorrt'")
         done = []
+
+        def apply(component: str) -> str:
+            self.engines[component].set_weights(overrides.get(component, ((), {}))[1])
+            self.family.forget_encodings(component)
+            return component
+
         try:
-            for component in changed:
-                values = overrides.get(component, ((), {}))[1]
-                self.engines[component].set_weights(values)
-                self.family.forget_encodings(component)
-                done.append(component)
+            if len(changed) > 1 and all(getattr(self.engines[c], "concurrent_calls", False) for c in changed):
+                # ONNX Runtime builds sessions without the GIL: the touched components' in parallel
+                with ThreadPoolExecutor(max_workers=len(changed)) as pool:
+                    futures = [pool.submit(apply, c) for c in changed]
+                    errors = []
+                    for future in futures:
+                        try:
+                            done.append(future.result())
+                        except BaseException as err:  # noqa: BLE001 - re-raised below, after all finished
+                            errors.append(err)
+                    if errors:
+                        raise errors[0]
+            else:
+                for component in changed:
+                    done.append(apply(component))
         except BaseException:
             for component in done:
                 try:
