@@ -77,7 +77,13 @@ class StatsCollector:
 
 
 def tap_model(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:
-    """A copy of `model` whose graph also outputs `tensors` (float32 intermediates)."""
+    """A copy of `model` whose graph also outputs `tensors` (float32 intermediates).
+
+    Polygraphy's `ModifyOutputs` marks outputs too, but not the same way: it replaces the output list
+    (the component's own outputs lose their declared dtype and shape), reads each name as an fnmatch
+    pattern and declares the new outputs untyped. This appends literally named float32 outputs and
+    keeps calibration free of Polygraphy (`latentrt debug`, which re-marks every output, uses it).
+    """
     tapped = onnx.ModelProto()
     tapped.CopyFrom(model)
     existing = {o.name for o in tapped.graph.output}

@@ -59,7 +59,11 @@ class Layer:
 
 
 class GraphIndex:
-    """Producers, consumers and constants of one graph, for lookups while rewriting it."""
+    """Producers, consumers and constants of one graph, for lookups while rewriting it.
+
+    (onnx-graphsurgeon's `Graph` holds the same links, but SmoothQuant and Q/DQ insertion edit the
+    protobuf in place; an import / export round trip would copy every weight.)
+    """
 
     def __init__(self, model: onnx.ModelProto) -> None:
         graph = model.graph
@@ -127,30 +131,35 @@ def attention_matmuls(index: GraphIndex) -> list[str]:
 
 
 def select_layers(
-    layers: Sequence[Layer], *, defaults: Iterable[str] = DEFAULT_EXCLUDES, user: Iterable[str] = ()
+    layers: Sequence[Layer], *, defaults: Iterable[str] = DEFAULT_EXCLUDES, user: Iterable[str] = (), force: Iterable[str] = ()
 ) -> tuple[list[Layer], dict[str, str], list[str]]:
-    """Split layers into (quantized, {excluded node: reason}, user patterns that matched nothing).
+    """Split layers into (quantized, {excluded node: reason}, user or force patterns that matched nothing).
 
     Excluded: names matching a default pattern; Gemms, which the exporters write for Linears over
     one vector per sample (timestep and pooled-text embeddings, AdaLN modulation): their cost is
     nothing next to the per-token layers, and their error would scale and shift every token; the first
     Conv and the last layer of the graph (the patch embedding and the final projection in every
-    family); and names matching a user pattern.
+    family); and names matching a user pattern. Names matching a `force` pattern skip the default
+    rules (not the user's patterns): a way to quantize a layer the defaults protect, to measure it.
     """
     excluded: dict[str, str] = {}
     default_res = [re.compile(p) for p in defaults]
+    force_res = [re.compile(p) for p in force]
+    forced = {layer.node for layer in layers if any(r.search(layer.node) for r in force_res)}
     for layer in layers:
         hit = next((r.pattern for r in default_res if r.search(layer.node)), None)
+        if layer.node in forced:
+            continue
         if hit:
             excluded[layer.node] = f"default pattern {hit!r}"
         elif layer.op == "Gemm":
             excluded[layer.node] = "per-sample projection (Gemm)"
     convs = [layer for layer in layers if layer.op == "Conv"]
-    if convs:
+    if convs and convs[0].node not in forced:
         excluded.setdefault(convs[0].node, "first Conv")
-    if layers:
+    if layers and layers[-1].node not in forced:
         excluded.setdefault(layers[-1].node, "last layer")
-    unmatched = []
+    unmatched = [r.pattern for r in force_res if not any(r.search(layer.node) for layer in layers)]
     for pattern in user:
         regex = re.compile(pattern)
         hits = [layer.node for layer in layers if regex.search(layer.node)]
@@ -163,7 +172,11 @@ def select_layers(
 
 
 def tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
-    """Rank of every tensor ONNX shape inference can type (weights' bytes are not needed)."""
+    """Rank of every tensor ONNX shape inference can type (weights' bytes are not needed).
+
+    Polygraphy's `InferShapes` runs the same `onnx.shape_inference` on the whole model; this strips
+    the large initializers' bytes first, so inference never copies the weights.
+    """
     skeleton = onnx.ModelProto()
     skeleton.CopyFrom(model)
     for init in skeleton.graph.initializer:  # inference reads dims, and data only of small (shape) tensors

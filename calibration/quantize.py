@@ -62,6 +62,9 @@ class QuantizeConfig:
         smoothquant_alpha: SmoothQuant migration strength in [0, 1] for the linear layers' inputs;
             None disables smoothing.
         exclude: regular expressions (re.search on node names) excluding more layers.
+        force: regular expressions of layers quantized although a default rule keeps them in high
+            precision (`exclude` still wins). For experiments: `latentrt debug` measures what
+            quantizing such a layer costs.
         prompts_file: calibration prompts, one per line; None: the default list (prompts.py).
         num_prompts: how many prompts (the first N of the list).
         steps: denoising steps per prompt (None: the bundle's default).
@@ -76,6 +79,7 @@ class QuantizeConfig:
     percentile: float = 99.99
     smoothquant_alpha: float | None = 0.8
     exclude: tuple[str, ...] = ()
+    force: tuple[str, ...] = ()
     prompts_file: str | None = None
     num_prompts: int = 32
     steps: int | None = None
@@ -93,16 +97,16 @@ class QuantizeConfig:
             raise InputError(f"percentile must be in (0, 100], got {self.percentile!r}; 99.99 keeps all but the rarest outliers")
         if self.smoothquant_alpha is not None and not (0.0 <= self.smoothquant_alpha <= 1.0):
             raise InputError(f"smoothquant_alpha must be in [0, 1] (or None to disable smoothing), got {self.smoothquant_alpha!r}")
-        if isinstance(self.exclude, str):
-            object.__setattr__(self, "exclude", (self.exclude,))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
         import re
 
-        for pattern in self.exclude:
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise InputError(f"exclude pattern {pattern!r} is not a valid regular expression: {err}") from err
+        for option in ("exclude", "force"):
+            patterns = getattr(self, option)
+            object.__setattr__(self, option, (patterns,) if isinstance(patterns, str) else tuple(patterns))
+            for pattern in getattr(self, option):
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise InputError(f"{option} pattern {pattern!r} is not a valid regular expression: {err}") from err
         if self.prompts_file is not None:
             object.__setattr__(self, "prompts_file", os.fspath(self.prompts_file))
         if not (isinstance(self.num_prompts, int) and self.num_prompts >= 1):
@@ -115,12 +119,14 @@ class QuantizeConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["exclude"] = list(self.exclude)
+        d["force"] = list(self.force)
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> QuantizeConfig:
         d = dict(d)
         d["exclude"] = tuple(d.get("exclude", ()))
+        d["force"] = tuple(d.get("force", ()))
         return cls(**d)
 
 
@@ -185,9 +191,10 @@ def quantize_bundle(
 
     # 2. Select layers.
     layers = find_layers(GraphIndex(model))
-    selected, excluded, unmatched = select_layers(layers, defaults=DEFAULT_EXCLUDES, user=config.exclude)
+    selected, excluded, unmatched = select_layers(layers, defaults=DEFAULT_EXCLUDES, user=config.exclude, force=config.force)
     for pattern in unmatched:
-        logger.warning("--exclude %r matches no quantizable layer of %s; layer names look like %r", pattern, name, layers[0].node if layers else "")
+        option = "--exclude" if pattern in config.exclude else "force pattern"
+        logger.warning("%s %r matches no quantizable layer of %s; layer names look like %r", option, pattern, name, layers[0].node if layers else "")
     if not selected:
         raise InputError(f"no layer of {name!r} is left to quantize after the exclusions; drop some --exclude patterns")
     settings = TrajectorySettings(steps=config.steps, guidance_scale=config.guidance_scale, seed=config.seed)
@@ -245,6 +252,7 @@ def quantize_bundle(
                 "guidance_scale": manifest.defaults.guidance_scale if config.guidance_scale is None else config.guidance_scale,
                 "seed": config.seed,
                 "exclude": list(config.exclude),
+                "force": list(config.force),
             },
             "quantized_nodes": count,
             "excluded_layers": excluded,
@@ -255,6 +263,7 @@ def quantize_bundle(
             "calibration_cache": cache.relative_to(tmp).as_posix(),
             "opset": model_opset(model),
             "source_sha256": comp.sha256,
+            "source_bundle": os.fspath(bundle.resolve()),  # where `latentrt debug` finds the fp32 reference
             "latentrt_version": __version__,
         }
         new_comp = Component(

@@ -46,13 +46,23 @@ _SHAPE_ONLY = ("Shape", "Size")  # consumers that read only the shape, not the v
 
 @dataclass(frozen=True)
 class SmoothingReport:
-    """Which activations were smoothed (tensor -> its layers) and which were not (tensor -> why)."""
+    """Which activations were smoothed (tensor -> its layers) and which were not (tensor -> why).
+
+    `rescaled[tensor]` lists the tensors that now hold their fp32 values divided by s per channel:
+    the smoothed tensor and every tensor on the path from where 1/s was folded in down to it (a
+    comparison with the fp32 graph, as `latentrt debug` makes, must not count that as error).
+    """
 
     smoothed: dict[str, list[str]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    rescaled: dict[str, list[str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"smoothed": {k: list(v) for k, v in self.smoothed.items()}, "skipped": dict(self.skipped)}
+        return {
+            "smoothed": {k: list(v) for k, v in self.smoothed.items()},
+            "skipped": dict(self.skipped),
+            "rescaled": {k: list(v) for k, v in self.rescaled.items()},
+        }
 
 
 def smoothing_scales(act_absmax: np.ndarray, weight_absmax: np.ndarray, alpha: float) -> np.ndarray:
@@ -108,6 +118,7 @@ def smooth_graph(
     names = (f"smoothquant_{i}" for i in itertools.count())
     inserts: dict[str, list[onnx.NodeProto]] = {}
     smoothed: dict[str, list[str]] = {}
+    rescaled: dict[str, list[str]] = {}
     for tensor, members in groups.items():
         if tensor not in channel_absmax:
             skipped[tensor] = "no per-channel statistics were collected for it"
@@ -126,6 +137,7 @@ def smooth_graph(
         w_absmax = np.max([np.abs(w).max(axis=1 - layer.input_axis) for w, layer in zip(weights, members)], axis=0)
         s = smoothing_scales(act, w_absmax, alpha)
         inv = (1.0 / s).astype(np.float32)
+        rescaled[tensor] = _path_to(index, actions, tensor)
         for action in actions:
             _apply(model, index, action, inv, names, inserts, derived)
         for w, layer in zip(weights, members):
@@ -146,7 +158,22 @@ def smooth_graph(
         del model.graph.node[:]
         model.graph.node.extend(ordered)
     prune_unused(model)
-    return SmoothingReport(smoothed=smoothed, skipped=skipped)
+    return SmoothingReport(smoothed=smoothed, skipped=skipped, rescaled=rescaled)
+
+
+def _path_to(index: GraphIndex, actions: list, tensor: str) -> list[str]:
+    """The tensors from the nodes that absorb 1/s down to `tensor`, in graph order: every tensor on
+    a fold path has a single consumer (`_FoldPlanner.plan_edge`), so each path is one chain."""
+    found: set[str] = set()
+    for action in actions:
+        name = action[1].output[0]
+        for _ in range(len(index.model.graph.node)):
+            found.add(name)
+            if name == tensor or len(index.consumers[name]) != 1:
+                break
+            name = index.consumers[name][0].output[0]
+    order = {out: i for i, node in enumerate(index.model.graph.node) for out in node.output}
+    return sorted(found, key=lambda t: order.get(t, -1))
 
 
 class _FoldPlanner:
@@ -287,7 +314,11 @@ def _add_initializer(model: onnx.ModelProto, name: str, value: np.ndarray) -> st
 
 
 def prune_unused(model: onnx.ModelProto) -> None:
-    """Drop initializers and Constant nodes that nothing reads any more."""
+    """Drop initializers and Constant nodes that nothing reads any more.
+
+    Narrower than onnx-graphsurgeon's `Graph.cleanup()` (no other node is removed) and done in place:
+    the round trip through onnx-graphsurgeon would rebuild every weight of the graph being quantized.
+    """
     graph = model.graph
     while True:
         used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}

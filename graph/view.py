@@ -9,7 +9,9 @@ class GraphView:
     A node whose subgraph (an If branch, a Loop body) reads a tensor counts as one of its consumers.
     Constants are the initializers (except those also declared as graph inputs, which a caller may
     override) and Constant nodes, kept as TensorProtos and converted on lookup, so a model's weights
-    are not copied into numpy arrays up front.
+    are not copied into numpy arrays up front. onnx-graphsurgeon's `Graph` offers the same links, but
+    only after importing the model (and exporting it again after a rewrite); this reads and edits the
+    protobuf in place, and keeps onnx-graphsurgeon out of the runtime's dependencies.
     """
 
     def __init__(self, graph) -> None:
@@ -59,7 +61,12 @@ def _subgraph_reads(node) -> set[str]:
 
 
 def drop_dead(graph) -> None:
-    """Remove the nodes whose outputs nothing reads, then the initializers nothing reads."""
+    """Remove the nodes whose outputs nothing reads, then the initializers nothing reads.
+
+    onnx-graphsurgeon's `Graph.cleanup()` prunes the same nodes, but through an import / export round
+    trip that rebuilds every initializer; the runtime's load-time rewrites call this on each session
+    load, in place, without copying weights or depending on onnx-graphsurgeon.
+    """
     while True:
         used = used_names(graph)
         live = [n for n in graph.node if any(o in used for o in n.output)]

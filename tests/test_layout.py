@@ -84,7 +84,7 @@ def test_no_cycle_between_subpackages(edges):
 
 
 # The README's layout table, bottom layer first: a subpackage imports only those before it.
-LAYERS = ("_version", "errors", "bundle", "graph", "engines", "runtime", "serve", "calibration", "models", "export", "bench", "cli")
+LAYERS = ("_version", "errors", "bundle", "graph", "engines", "runtime", "serve", "calibration", "models", "export", "debug", "bench", "cli")
 
 
 def test_layers_import_only_lower_layers(edges):

@@ -33,6 +33,10 @@ values whose cost is all overhead (the dynamo exporter, used for Flux, writes th
 Here the Gemm's output is unsqueezed once to [batch, 1, k * C] and split on axis 2 straight into the
 broadcast chunks; a constant added to or multiplied into a chunk on the way is folded into that
 chunk's columns of the Gemm's weight and bias.
+
+The matching and replacing are written against the protobuf (`graph.view`) rather than with
+onnx-graphsurgeon's pattern tools: they run at every session load, where an import / export round
+trip would rebuild every weight, and the runtime stays free of onnx-graphsurgeon (the debug extra).
 """
 
 from __future__ import annotations
