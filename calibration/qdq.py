@@ -16,36 +16,15 @@ qmax is 127 for int8 (symmetric, [-127, 127]) and 448 for fp8 E4M3 (opset >= 19)
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from latentrt.calibration.graph import GraphIndex, Layer
+from latentrt.graph.quantize import QMAX, Precision, quantize_weight, weight_scales
 
-Precision = Literal["int8", "fp8"]
-QMAX: dict[str, float] = {"int8": 127.0, "fp8": 448.0}
 FP8_MIN_OPSET = 19
-
-
-def weight_scales(weight: np.ndarray, axis: int, precision: Precision) -> np.ndarray:
-    """Per-channel symmetric scales along `axis`: max |w| over the other axes / qmax (1 for all-zero channels)."""
-    other = tuple(i for i in range(weight.ndim) if i != axis)
-    amax = np.abs(weight).max(axis=other).astype(np.float32)
-    return np.where(amax > 0, amax / np.float32(QMAX[precision]), np.float32(1.0)).astype(np.float32)
-
-
-def quantize_weight(weight: np.ndarray, scales: np.ndarray, axis: int, precision: Precision) -> np.ndarray:
-    """`weight / scale` rounded to int8 (round half to even, clipped to +-127) or cast to float8e4m3fn."""
-    shape = [1] * weight.ndim
-    shape[axis] = -1
-    x = weight.astype(np.float32) / scales.reshape(shape)
-    if precision == "int8":
-        return np.clip(np.rint(x), -127, 127).astype(np.int8)
-    import ml_dtypes
-
-    return np.clip(x, -448.0, 448.0).astype(ml_dtypes.float8_e4m3fn)
 
 
 def activation_scale(amax: float, precision: Precision) -> np.float32:
@@ -67,13 +46,16 @@ def _zeros(shape: tuple[int, ...], precision: Precision) -> np.ndarray:
 
 
 def insert_qdq(
-    model: onnx.ModelProto, layers: Sequence[Layer], activation_amax: Mapping[str, float], precision: Precision
+    model: onnx.ModelProto, layers: Sequence[Layer], activation_amax: Mapping[str, float], precision: Precision,
+    quantized: dict | None = None,
 ) -> int:
     """Quantize `layers` of `model` in place; returns the number of quantized nodes.
 
     Args:
         layers: from `graph.find_layers(model)` (after any smoothing), already filtered.
         activation_amax: per activation tensor, the calibrated range.
+        quantized: if given, receives {quantized weight: (float weight it was made from, its
+            per-channel scale initializer, channel axis)} (the weight map follows it, for LoRA).
     """
     if precision == "fp8":
         set_opset(model, FP8_MIN_OPSET)
@@ -105,6 +87,8 @@ def insert_qdq(
         base = f"{layer.node}/{layer.weight}"
         graph.initializer.append(_tensor(f"{base}_quantized", quantize_weight(weight, scales, layer.weight_axis, precision)))
         graph.initializer.append(_tensor(f"{base}_scale", scales))
+        if quantized is not None:
+            quantized[f"{base}_quantized"] = (layer.weight, f"{base}_scale", layer.weight_axis)
         graph.initializer.append(_tensor(f"{base}_zero_point", _zeros(scales.shape, precision)))
         dq = onnx.helper.make_node(
             "DequantizeLinear",

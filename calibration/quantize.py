@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from latentrt._version import __version__
 from latentrt.calibration.collect import StatsCollector, TrajectorySettings, collect_statistics, tap_model
 from latentrt.calibration.graph import DEFAULT_EXCLUDES, GraphIndex, attention_matmuls, find_layers, select_layers
@@ -210,10 +212,12 @@ def quantize_bundle(
 
         # 3. SmoothQuant.
         smoothing = None
+        smoothed: dict = {}  # new initializer -> (initializer it scales, factor, axis)
+        quantized: dict = {}  # quantized weight -> (float weight, scale initializer, axis)
         if config.smoothquant_alpha is not None:
             linear_inputs = list(dict.fromkeys(l.activation for l in selected if l.input_axis is not None))
             stats = run("smoothquant statistics", StatsCollector([], histograms=False, channels=linear_inputs), model).stats
-            smoothing = smooth_graph(model, selected, {k: s.channel_absmax for k, s in stats.items()}, config.smoothquant_alpha)
+            smoothing = smooth_graph(model, selected, {k: s.channel_absmax for k, s in stats.items()}, config.smoothquant_alpha, derived=smoothed)
             layers = find_layers(GraphIndex(model))
             keep = {l.node for l in selected}
             selected = [l for l in layers if l.node in keep]
@@ -227,7 +231,7 @@ def quantize_bundle(
 
         # 5. Q/DQ, files, manifest.
         attention = attention_matmuls(GraphIndex(model))
-        count = insert_qdq(model, selected, amax, config.precision)
+        count = insert_qdq(model, selected, amax, config.precision, quantized=quantized)
         shutil.rmtree(work)
         _copy_bundle(bundle, tmp, manifest, skip={comp.file, *comp.external_data})
         onnx_path = tmp / comp.file
@@ -272,6 +276,7 @@ def quantize_bundle(
             opset=model_opset(model),
             external_data=tuple(f"{Path(comp.file).parent.as_posix()}/{n}" for n in external),
             validation=(),
+            weights=quantized_weight_map(comp.weights, smoothed, quantized, {t.name for t in model.graph.initializer}, config.precision),
         )
         extra = dict(manifest.extra)
         extra["quantization"] = {name: json.loads(json.dumps(record))}
@@ -290,6 +295,46 @@ def quantize_bundle(
         )
         new_manifest.save(tmp)
     return new_manifest
+
+
+def quantized_weight_map(
+    weights: Mapping[str, Any], smoothed: Mapping[str, tuple], quantized: Mapping[str, tuple], present: set[str], precision: str
+) -> dict[str, Any]:
+    """The fp32 bundle's weight map carried through SmoothQuant and Q/DQ: each initializer of the
+    quantized graph that holds model parameters gets its recipe, with the SmoothQuant `factor` it
+    was multiplied by and, for a quantized weight, its `quantized` record (precision, per-channel
+    scale initializer, axis). runtime/lora/weights.py reads it."""
+
+    def recipe(name: str) -> dict | None:
+        if name in weights:
+            return dict(weights[name])
+        if name in smoothed:
+            source, factor, axis = smoothed[name]
+            base = recipe(source)
+            if base is None:
+                return None
+            values = np.asarray(factor, np.float64)
+            if "factor" in base:  # scaled twice: the factors multiply (same axis only)
+                if base["factor"]["axis"] != axis:
+                    return None
+                values = values * np.asarray(base["factor"]["values"], np.float64)
+            base["factor"] = {"axis": int(axis), "values": [float(v) for v in values.astype(np.float32)]}
+            return base
+        return None
+
+    out = {}
+    for name in sorted(present):
+        if name in quantized:
+            source, scale, axis = quantized[name]
+            base = recipe(source)
+            if base is not None:
+                base["quantized"] = {"precision": precision, "scale": scale, "axis": int(axis)}
+                out[name] = base
+        else:
+            base = recipe(name)
+            if base is not None:
+                out[name] = base
+    return out
 
 
 def _amax(stats, config: QuantizeConfig) -> float:

@@ -95,7 +95,8 @@ def smoothable_groups(index: GraphIndex, layers: Sequence[Layer]) -> tuple[dict[
 
 
 def smooth_graph(
-    model: onnx.ModelProto, layers: Sequence[Layer], channel_absmax: Mapping[str, np.ndarray], alpha: float
+    model: onnx.ModelProto, layers: Sequence[Layer], channel_absmax: Mapping[str, np.ndarray], alpha: float,
+    derived: dict | None = None,
 ) -> SmoothingReport:
     """Apply SmoothQuant to `model` in place for the given (quantized) layers.
 
@@ -103,6 +104,9 @@ def smooth_graph(
         layers: the layers that will be quantized (their Layer records from `find_layers(model)`).
         channel_absmax: per activation tensor, max |x| per input channel (float [C]) from calibration.
         alpha: migration strength in [0, 1].
+        derived: if given, receives {new initializer: (initializer it scales, factor [C], axis)}
+            for every constant rewritten here as `old * factor` along `axis` (the weight map of
+            the quantized bundle follows it, for LoRA).
 
     Returns:
         a report; the layers' weights and the folded constants are replaced by new initializers,
@@ -135,12 +139,15 @@ def smooth_graph(
         inv = (1.0 / s).astype(np.float32)
         rescaled[tensor] = _path_to(index, actions, tensor)
         for action in actions:
-            _apply(model, index, action, inv, names, inserts)
+            _apply(model, index, action, inv, names, inserts, derived)
         for w, layer in zip(weights, members):
             node = index.nodes[layer.node]
             shape = [1, 1]
             shape[layer.input_axis] = -1
+            source = node.input[layer.weight_index]
             node.input[layer.weight_index] = _add_initializer(model, next(names), (w * s.reshape(shape)).astype(w.dtype))
+            if derived is not None:
+                derived[node.input[layer.weight_index]] = (source, s, layer.input_axis)
         smoothed[tensor] = [layer.node for layer in members]
         index = GraphIndex(model)  # constants and wiring changed
     if inserts:
@@ -278,17 +285,20 @@ def _is_tanh_gelu_output(index: GraphIndex, node: onnx.NodeProto) -> bool:
     return False
 
 
-def _apply(model: onnx.ModelProto, index: GraphIndex, action: tuple, v: np.ndarray, names, inserts: dict) -> None:
+def _apply(model: onnx.ModelProto, index: GraphIndex, action: tuple, v: np.ndarray, names, inserts: dict, derived: dict | None = None) -> None:
     if action[0] == "const":
         _, node, i, mode = action
         value = index.constant(node.input[i])
         if mode == "cols":
-            scaled = value * v[None, :]
+            scaled, axis = value * v[None, :], 1
         elif mode == "rows":
-            scaled = value * v[:, None]
+            scaled, axis = value * v[:, None], 0
         else:
-            scaled = value * v  # broadcasts a scalar or [..., 1] constant to [..., C]
+            scaled, axis = value * v, value.ndim - 1  # broadcasts a scalar or [..., 1] constant to [..., C]
+        source = node.input[i]
         node.input[i] = _add_initializer(model, next(names), scaled.astype(np.float32))
+        if derived is not None and scaled.shape == value.shape:
+            derived[node.input[i]] = (source, v, axis)
     else:
         _, node, i = action
         factor = _add_initializer(model, next(names), v)

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from latentrt.cli.format import echo_table, timing_rows
+from latentrt.cli.lora_cmd import LORA
 from latentrt.cli.params import FINITE_FLOAT, POSITIVE, SEED, check_file_output, image_format, save_image
 
 
@@ -24,7 +25,8 @@ from latentrt.cli.params import FINITE_FLOAT, POSITIVE, SEED, check_file_output,
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "openvino"]), default="onnxruntime", show_default=True,
               help="openvino: CPU, with bf16 / int8 matrix units where the CPU has them.")
 @click.option("--grid", is_flag=True, help="Write all images into one PNG, each prompt under its image.")
-def command(bundle, prompt, output, negative_prompt, steps, guidance, seed, height, width, num_images, backend, grid) -> None:
+@click.option("--lora", "loras", type=LORA, multiple=True, help="A LoRA .safetensors file and its weight, FILE[:WEIGHT] (repeatable; mixed).")
+def command(bundle, prompt, output, negative_prompt, steps, guidance, seed, height, width, num_images, backend, grid, loras) -> None:
     """Generate images from BUNDLE and print the per-stage timing table.
 
     Each image is encoded in memory and written atomically: an interrupted run or a full disk
@@ -38,6 +40,10 @@ def command(bundle, prompt, output, negative_prompt, steps, guidance, seed, heig
     check_file_output(Path(output), inputs={"bundle": bundle})
     image_format(Path(output))
     pipe = Pipeline.load(bundle, backend=backend)
+    for i, (path, _) in enumerate(loras):
+        pipe.load_lora_weights(path, adapter_name=f"lora_{i}")
+    if loras:
+        pipe.set_adapters([f"lora_{i}" for i in range(len(loras))], adapter_weights=[weight for _, weight in loras])
     bars: list = []  # drawn from the first step on: a refused call prints nothing but its error
 
     def progress(step: int, total: int) -> None:

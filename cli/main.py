@@ -26,10 +26,11 @@ def cli(debug: bool, verbose: int) -> None:
 
 def _register() -> None:
     from latentrt.cli import (
-        bench_cmd, build_cmd, calibrate_cmd, debug_cmd, eval_cmd, export_cmd, generate_cmd, inspect_cmd, serve_cmd, triton_repo_cmd,
+        bench_cmd, build_cmd, calibrate_cmd, debug_cmd, eval_cmd, export_cmd, generate_cmd, inspect_cmd, lora_cmd, serve_cmd,
+        triton_repo_cmd,
     )
 
-    for module in (export_cmd, generate_cmd, inspect_cmd, build_cmd, calibrate_cmd, eval_cmd, debug_cmd, bench_cmd, serve_cmd, triton_repo_cmd):
+    for module in (export_cmd, generate_cmd, inspect_cmd, build_cmd, calibrate_cmd, eval_cmd, lora_cmd, debug_cmd, bench_cmd, serve_cmd, triton_repo_cmd):
         cli.add_command(module.command)
 
 

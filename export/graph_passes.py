@@ -148,7 +148,8 @@ def fuse_parallel_matmuls(model, recipes: dict | None = None) -> int:
         if all(p is not None and (len(p.parts) == 1 or p.axis % len(p.shape) == axis % len(p.shape)) for p in parts):
             shape = list(tensors[0].dims)
             shape[axis] = sum(t.dims[axis] for t in tensors)
-            recipes[new_name] = Recipe(tuple(x for p in parts for x in p.parts), tuple(shape), axis % len(shape))
+            sizes = tuple(s for p, t in zip(parts, tensors) for s in (p.sizes if len(p.parts) > 1 else (t.dims[axis],)))
+            recipes[new_name] = Recipe(tuple(x for p in parts for x in p.parts), tuple(shape), axis % len(shape), sizes=sizes)
         elif not all(with_data):
             return None
         if all(with_data):

@@ -37,17 +37,24 @@ class Recipe:
     """How an initializer is made from source parameters.
 
     `parts` are (checkpoint tensor name, transform) pairs concatenated along `axis` (one part: no
-    concat; the export's Q/K/V fusion concatenates). Transforms: "" (as stored) or "T" (2-D
-    transpose). A single part is then reshaped to `shape`, the initializer's shape.
+    concat; the export's Q/K/V fusion concatenates), `sizes` each part's extent along `axis` (where
+    LoRA finds a part's slice: fused parts need not be equal, e.g. Flux's q, k, v and proj_mlp).
+    Transforms: "" (as stored) or "T" (2-D transpose). A single part is then reshaped to `shape`,
+    the initializer's shape.
     """
 
     parts: tuple[tuple[str, str], ...]
     shape: tuple[int, ...]
     axis: int = 0
     reshaped: bool = False  # a single part whose shape is not its tensor's (transposed) shape
+    sizes: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.sizes and self.shape:
+            object.__setattr__(self, "sizes", (self.shape[self.axis],) if len(self.parts) == 1 else ())
 
     def renamed(self, rename: Callable[[str], str]) -> Recipe:
-        return Recipe(tuple((rename(p), t) for p, t in self.parts), self.shape, self.axis, self.reshaped)
+        return Recipe(tuple((rename(p), t) for p, t in self.parts), self.shape, self.axis, self.reshaped, self.sizes)
 
     def evaluate(self, get: Callable[[str], np.ndarray]) -> np.ndarray:
         """The initializer's value, reading each parameter with `get(name)`."""
@@ -57,11 +64,11 @@ class Recipe:
         return np.concatenate(arrays, axis=self.axis)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"parts": [list(p) for p in self.parts], "shape": list(self.shape), "axis": self.axis}
+        return {"parts": [list(p) for p in self.parts], "shape": list(self.shape), "axis": self.axis, "sizes": list(self.sizes)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Recipe:
-        return cls(tuple((p, t) for p, t in d["parts"]), tuple(d["shape"]), int(d.get("axis", 0)))
+        return cls(tuple((p, t) for p, t in d["parts"]), tuple(d["shape"]), int(d.get("axis", 0)), sizes=tuple(d.get("sizes", ())))
 
     def viewed(self, op: str, shape: tuple[int, ...]) -> Recipe | None:
         """This recipe after a view op (Transpose of a 2-D weight, or a reshape to `shape`), or None

@@ -13,6 +13,9 @@ by the pipeline with `getattr`:
 
 - `device_loop(latent_input, velocity_output)`: an object whose `run(...)` performs every
   flow-matching step of a call on the device (TensorRT: runtime/backends/tensorrt/loop.py).
+- `set_weights({initializer: array})`: run with the bundle's weights except these (LoRA,
+  runtime/lora/); `{}` restores the bundle's weights exactly. ONNX Runtime re-creates its session
+  from memory, TensorRT refits its engines.
 """
 
 from __future__ import annotations

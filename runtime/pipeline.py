@@ -10,6 +10,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -21,6 +22,7 @@ from latentrt.bundle.manifest import Manifest, load_manifest
 from latentrt.runtime.backends import load_engines
 from latentrt.runtime.engine import BackendOptions, Engine, OnDevice
 from latentrt.runtime.families import FAMILIES
+from latentrt.runtime.lora.adapters import LoraAdapters
 from latentrt.runtime.schedulers.flow_match import FlowMatchSchedule
 from latentrt.runtime.tokenizer import PromptTokenizer
 
@@ -80,6 +82,11 @@ class Pipeline:
         self._device_denoiser = None  # built on first use, where the denoiser engine offers a device loop
         concurrent = all(getattr(engine, "concurrent_calls", False) for engine in engines.values())
         self._serial = contextlib.nullcontext() if concurrent else threading.Lock()
+        self._lora: LoraAdapters | None = None  # built by the first load_lora_weights
+        self._lora_lock = threading.Lock()
+        self._active: list[tuple[str, dict[str, float]]] = []  # the adapter mix in the engines
+        self._applied: dict[str, tuple] = {}  # component -> what its engine's weights were mixed from
+        self._applied_values: dict[str, dict[str, np.ndarray]] = {}
 
     def _check_bundle(self) -> None:
         """What the sampling loop needs from the manifest, checked at load rather than at the first call."""
@@ -316,6 +323,145 @@ class Pipeline:
             rows = min(comp.axes["batch"].max, engine_max) if engine_max else comp.axes["batch"].max
             limits.append(rows // (2 if cfg and name != "vae_decoder" else 1))
         return max(1, min(limits, default=1))
+
+    # -- LoRA (runtime/lora/) ----------------------------------------------------------------------
+
+    @property
+    def lora(self) -> LoraAdapters:
+        """The loaded adapters (`adapters`: name -> Adapter, with their layers and memory)."""
+        if self._lora is None:
+            self._lora = LoraAdapters(self.bundle, self.manifest, self.family.denoiser)
+        return self._lora
+
+    def load_lora_weights(self, path: str | os.PathLike, adapter_name: str | None = None) -> None:
+        """Load a LoRA (a .safetensors file: diffusers/PEFT, kohya or BFL Flux keys) and make it the
+        active adapter, alone, at weight 1.0 (as diffusers does).
+
+        The file is read and checked against the bundle first (every key must match a weight; ranks,
+        shapes and values are checked); on any error nothing changes and the pipeline keeps its
+        previous adapters. The merged weights go to the engines of the components it touches
+        (`set_weights`): ONNX Runtime re-creates those sessions from memory, TensorRT refits.
+
+        Args:
+            path: the LoRA file.
+            adapter_name: the name `set_adapters` will know it by (default "default_<n>").
+
+        Raises:
+            InputError: the name is taken, the file is a pickle, or it does not fit this bundle.
+            BundleError: the bundle has no weight map (exported before LoRA support: re-export it).
+
+        Example:
+            >>> pipe.load_lora_weights("style.safetensors", adapter_name="style")  # doctest: +SKIP
+            >>> pipe.set_adapters(["style", "subject"], adapter_weights=[0.8, 0.5])  # doctest: +SKIP
+        """
+        with self._lora_lock:
+            name = f"default_{len(self.lora.adapters)}" if adapter_name is None else adapter_name
+            adapter = self.lora.read(path, name)
+            self.lora.add(adapter)
+            try:
+                self._mix([(name, {c: 1.0 for c in adapter.components})])
+            except BaseException:
+                self.lora.remove([name])
+                raise
+
+    def set_adapters(self, adapter_names: str | Sequence[str], adapter_weights=None) -> None:
+        """Choose the active adapters and their weights: `W + sum(weight x alpha/rank x B @ A)`.
+
+        Args:
+            adapter_names: loaded adapter names; `[]` runs the bundle's own weights again.
+            adapter_weights: None (1.0 each), one number, or one entry per adapter: a number or
+                {component: number} (e.g. {"transformer": 0.8, "text_encoder": 0.0}).
+
+        Raises:
+            InputError: an unknown or repeated name, a weights list of another length, a non-finite
+                weight, merged weights that overflow; the active adapters stay as they were.
+        """
+        with self._lora_lock:
+            mix = self.lora.check_mix(adapter_names, adapter_weights) if adapter_names or self._lora else []
+            self._mix(mix)
+
+    def unload_lora_weights(self) -> None:
+        """Drop every adapter and run the bundle's own weights again (restored exactly)."""
+        with self._lora_lock:
+            self._mix([])
+            if self._lora is not None:
+                self._lora.remove(list(self._lora.adapters))
+
+    def delete_adapters(self, adapter_names: str | Sequence[str]) -> None:
+        """Forget adapters; active ones are removed from the mix first.
+
+        Raises:
+            InputError: a name that is not loaded.
+        """
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        with self._lora_lock:
+            unknown = [n for n in names if n not in self.lora.adapters]
+            if unknown:
+                raise InputError(f"no adapter named {unknown}; loaded: {sorted(self.lora.adapters) or 'none'}")
+            self._mix([(n, w) for n, w in self._active if n not in names])
+            self.lora.remove(names)
+
+    def get_active_adapters(self) -> list[str]:
+        """The names of the adapters in the engines' weights now."""
+        return [name for name, _ in self._active]
+
+    def get_list_adapters(self) -> dict[str, list[str]]:
+        """Per component, the loaded adapters that change it."""
+        out: dict[str, list[str]] = {}
+        for name, adapter in (self._lora.adapters.items() if self._lora else ()):
+            for component in adapter.components:
+                out.setdefault(component, []).append(name)
+        return out
+
+    def _mix(self, mix: list[tuple[str, dict[str, float]]]) -> None:
+        """Give each component whose adapter mix changes its merged weights; on a failure, the
+        components already changed get their previous weights back."""
+        overrides = self._lora.overrides(mix) if mix else {}
+        changed = [c for c in sorted(set(overrides) | set(self._applied)) if overrides.get(c, ((), {}))[0] != self._applied.get(c, ())]
+        lacking = [c for c in changed if not hasattr(self.engines[c], "set_weights")]
+        if lacking:
+            raise InputError(f"the engines of {lacking} cannot change their weights; load the bundle with backend='onnxruntime' or 'tensorrt'")
+        done = []
+
+        def apply(component: str) -> str:
+            self.engines[component].set_weights(overrides.get(component, ((), {}))[1])
+            self.family.forget_encodings(component)
+            return component
+
+        try:
+            if len(changed) > 1 and all(getattr(self.engines[c], "concurrent_calls", False) for c in changed):
+                # ONNX Runtime builds sessions without the GIL: the touched components' in parallel
+                with ThreadPoolExecutor(max_workers=len(changed)) as pool:
+                    futures = [pool.submit(apply, c) for c in changed]
+                    errors = []
+                    for future in futures:
+                        try:
+                            done.append(future.result())
+                        except BaseException as err:  # noqa: BLE001 - re-raised below, after all finished
+                            errors.append(err)
+                    if errors:
+                        raise errors[0]
+            else:
+                for component in changed:
+                    done.append(apply(component))
+        except BaseException:
+            for component in done:
+                try:
+                    self.engines[component].set_weights(self._applied_values.get(component, {}))
+                    self.family.forget_encodings(component)
+                except Exception:  # noqa: BLE001 - the first error is the one to report
+                    logger.exception("could not restore the previous weights of %s", component)
+            raise
+        for component in changed:
+            key, values = overrides.get(component, ((), {}))
+            if key:
+                self._applied[component], self._applied_values[component] = key, values
+            else:
+                self._applied.pop(component, None)
+                self._applied_values.pop(component, None)
+        self._active = list(mix)
+        if changed:
+            logger.info("LoRA: %s now run %s", ", ".join(changed), [name for name, _ in mix] or "the bundle's weights")
 
     def close(self) -> None:
         """Free what the engines hold (sessions, device memory, streams); the pipeline cannot be

@@ -90,6 +90,12 @@ class Family:
             return None
         return comp.axes.get(size) if isinstance(size, str) else AxisRange(size, size, size)
 
+    def forget_encodings(self, component: str) -> None:
+        """Drop the kept negative-prompt encodings of `component` (its weights changed: LoRA)."""
+        with self._negatives_lock:
+            for key in [k for k in self._negatives if k[0] == component]:
+                del self._negatives[key]
+
     def encode(
         self, component: str, tokenizer: str, prompts: list[str], max_length: int | None = None, *, negatives: int = 0
     ) -> dict[str, np.ndarray]:

@@ -48,6 +48,7 @@ trip would rebuild every weight, and the runtime stays free of onnx-graphsurgeon
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -161,10 +162,10 @@ def fuse_attention(model) -> int:
     return _replace(model, replacements)
 
 
-def fuse_int8_matmuls(model, *, unsigned_weights: bool = False) -> int:
+def fuse_int8_matmuls(model, *, unsigned_weights: bool = False, derived: dict | None = None) -> int:
     """Rewrite each `Add(MatMul(DQ(Q(x)), DQ(W_int8)), bias)` (the Add optional) in `model` into
     ONNX Runtime's `MatMulIntegerToFloat`, with the weights as uint8 when `unsigned_weights` (the
-    exact u8 x u8 kernel); returns how many. See the module docstring."""
+    exact u8 x u8 kernel; `derived` as in `fuse_modulations`); returns how many. See the module docstring."""
     from onnx import helper, numpy_helper
 
     g = GraphView(model.graph)
@@ -203,6 +204,8 @@ def fuse_int8_matmuls(model, *, unsigned_weights: bool = False) -> int:
                 np.broadcast_to(zero.astype(np.int16) + 128, w_scale.shape).astype(np.uint8), f"{prefix}/w_zero_point_u8"
             )
             model.graph.initializer.extend([shifted, w_zero_u8])
+            if derived is not None:
+                derived[shifted.name] = (w_name, _shifted_to_uint8)
             w_name, w_zero = shifted.name, w_zero_u8.name
         inputs = [f"{prefix}/x_u8", w_name, quant.input[1], w_dq.input[1], zero_u8.name, w_zero] + ([bias] if bias else [])
         replacements[id(matmul)] = [
@@ -215,9 +218,20 @@ def fuse_int8_matmuls(model, *, unsigned_weights: bool = False) -> int:
     return _replace(model, replacements, removed)
 
 
-def fuse_modulations(model) -> int:
+def _shifted_to_uint8(weight: np.ndarray) -> np.ndarray:
+    return (weight.astype(np.int16) + 128).astype(np.uint8)
+
+
+def _scaled_columns(weight: np.ndarray, *, scale: np.ndarray, rows: bool) -> np.ndarray:
+    return weight.astype(np.float32) * (scale[:, None] if rows else scale[None, :])
+
+
+def fuse_modulations(model, derived: dict | None = None) -> int:
     """Rewrite each Gemm whose output is only chunked and broadcast (see the module docstring) in
-    `model` (in place); returns how many."""
+    `model` (in place); returns how many. `derived`, if given, receives for each weight made here
+    from another: {new initializer: (source initializer, function)} with `new = function(source)`
+    (here the source scaled along its output columns), so a later change of the source (LoRA) can
+    be carried over."""
     from onnx import helper, numpy_helper
 
     g = GraphView(model.graph)
@@ -256,6 +270,8 @@ def fuse_modulations(model) -> int:
         ]
         if scaled:
             tensors.append(numpy_helper.from_array(weight, f"{prefix}/modulation_weight"))
+            if derived is not None:
+                derived[tensors[-1].name] = (gemm.input[1], functools.partial(_scaled_columns, scale=column_scale, rows=rows))
         model.graph.initializer.extend(tensors)
         attrs = {a.name: helper.get_attribute_value(a) for a in gemm.attribute}
         w_name = tensors[-1].name if scaled else gemm.input[1]
@@ -393,18 +409,24 @@ def rewritten_for_onnx_runtime(
     if path.stat().st_size > MAX_INLINE_BYTES or (path.parent / (path.name + ".data")).exists():
         return None
     model = onnx.load(str(path))
-    attention = fuse_attention(model)
-    int8 = fuse_int8_matmuls(model, unsigned_weights=unsigned_weights) if int8_kernels else 0
-    modulations = fuse_modulations(model)
-    if not attention and not int8 and not modulations:
+    if not rewrite_model(model, int8_kernels=int8_kernels, unsigned_weights=unsigned_weights):
         return None
     fd, name = tempfile.mkstemp(suffix=".onnx", dir=scratch)
     os.close(fd)  # only the name is needed: an fd left open here outlived the deleted file, one per load
     out = Path(name)
     # Tensor by tensor into a data file: no second in-memory copy of the weights while writing.
     onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True, location=out.name + ".data")
+    return out
+
+
+def rewrite_model(model, *, int8_kernels: bool = True, unsigned_weights: bool = False, derived: dict | None = None) -> bool:
+    """Apply the rewrites above to `model` in place; True if any matched. `derived`: see
+    `fuse_modulations`."""
+    attention = fuse_attention(model)
+    int8 = fuse_int8_matmuls(model, unsigned_weights=unsigned_weights, derived=derived) if int8_kernels else 0
+    modulations = fuse_modulations(model, derived)
     log.debug(
         "%s: %d attention blocks as MultiHeadAttention, %d int8 linears as MatMulIntegerToFloat, %d modulations unsqueezed once",
-        path.name, attention, int8, modulations,
+        model.graph.name, attention, int8, modulations,
     )
-    return out
+    return bool(attention or int8 or modulations)

@@ -654,6 +654,7 @@ class TensorRTComponent:
         self._engines: dict[str, TensorRTEngine] = {}
         self._loops: dict[tuple[str, str, str], Any] = {}
         self._refit: dict[str, np.ndarray] = {}
+        self._base: dict[str, np.ndarray] = {}  # bundle values of weights a refit changed (to restore them)
         try:
             self.engine_for_record(self.records[0])
         except BaseException:
@@ -718,6 +719,26 @@ class TensorRTComponent:
         from latentrt.runtime.backends.tensorrt.loop import ComponentDeviceLoop
 
         return ComponentDeviceLoop(self, latent_input, velocity_output)
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Run with the bundle's weights except `weights` (LoRA; the engine protocol's `set_weights`):
+        every engine of the component is refitted with these and, for initializers changed before
+        and not now, the bundle's values; `{}` refits everything from the bundle's ONNX (exact).
+        Engines loaded later get the same weights.
+
+        Raises:
+            InputError: an engine built without `--weights refittable`, or a weight that does not fit.
+            LatentRTError: TensorRT rejected the refit.
+        """
+        from latentrt.runtime.backends.tensorrt.refit import set_weights_values
+
+        values = set_weights_values(self._onnx_path, self._refit, weights, base=self._base)
+        for engine in self._engines.values():
+            if values is None:
+                engine.refit_from_bundle()
+            else:
+                engine.refit(values)
+        self._refit = dict(weights)
 
     def refit(self, weights: Mapping[str, np.ndarray]) -> list[str]:
         """`TensorRTEngine.refit` on every engine of the component (and those loaded later)."""

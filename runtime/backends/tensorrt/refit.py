@@ -122,6 +122,30 @@ def prepare_refit(
     return [(name, converted[name]) for name in initializers if name in converted]
 
 
+def set_weights_values(
+    onnx_path: str | os.PathLike,
+    current: Iterable[str],
+    weights: Mapping[str, np.ndarray],
+    *,
+    base: dict[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray] | None:
+    """What a refit must set so the engine runs the bundle's weights except `weights` (the engine
+    protocol's `set_weights`): `weights` plus, for each initializer set before (`current`) and not
+    now, its value in the bundle's ONNX (read once into `base`). None when `weights` is empty: the
+    whole engine goes back to the bundle (`refit_from_bundle`), restoring every weight exactly."""
+    if not weights:
+        return None
+    values = dict(weights)
+    restore = [name for name in current if name not in values]
+    if restore:
+        base = {} if base is None else base
+        missing = [name for name in restore if name not in base]
+        if missing:
+            base.update(read_initializers(onnx_path, missing))
+        values.update({name: base[name] for name in restore})
+    return values
+
+
 _FLOATS = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn"}
 
 
