@@ -67,9 +67,10 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def measured(script: str, *args: str, check: bool = True) -> tuple[list[dict], int]:
+def measured(script: str, *args: str, check: bool = True, limit: float | None = None) -> tuple[list[dict], int]:
     """Run `script` in a child Python; returns its phases with wall seconds and peak tree RSS (the
-    last one cut where the child ended), and its exit code (raises on failure when `check`)."""
+    last one cut where the child ended), and its exit code (raises on failure when `check`). With
+    `limit` (bytes), the child is killed when its tree's RSS exceeds it (exit code -9)."""
     proc = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, text=True)
     phases = [{"phase": "start", "t": time.time(), "peak_rss": 0}]
     lock = threading.Lock()
@@ -91,6 +92,11 @@ def measured(script: str, *args: str, check: bool = True) -> tuple[list[dict], i
         rss = tree_rss(proc.pid)
         with lock:
             phases[-1]["peak_rss"] = max(phases[-1]["peak_rss"], rss)
+        if limit is not None and rss > limit:
+            print(f"  killed: the process tree's RSS reached {rss / 1e9:.2f} GB (limit {limit / 1e9:.1f} GB)", file=sys.stderr, flush=True)
+            proc.kill()
+            proc.wait()
+            break
         time.sleep(0.2)
     reader.join()
     if proc.returncode and check:
@@ -115,6 +121,7 @@ def main() -> int:
     parser.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"])
     parser.add_argument("--build", action="store_true", help="also build the transformer's TensorRT-RTX engine")
     parser.add_argument("--build-config", default='{"compute_capabilities": ["8.9"], "batch": [1, 1, 1]}')
+    parser.add_argument("--build-memory-limit", type=float, default=20.0, help="GB of RSS at which the build is stopped (the machine has to survive it)")
     parser.add_argument("--keep", action="store_true", help="keep the source and the bundle")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -131,7 +138,7 @@ def main() -> int:
     report["export"], _ = measured(EXPORT, str(source), str(bundle), args.precision)
     report["bundle_bytes"] = sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file())
     if args.build:
-        report["build"], report["build_exit_code"] = measured(BUILD, str(bundle), args.build_config, check=False)
+        report["build"], report["build_exit_code"] = measured(BUILD, str(bundle), args.build_config, check=False, limit=args.build_memory_limit * 1e9)
 
     print(f"\n{args.name} ({args.precision}), {report['cpu']}, {report['cores']} cores")
     print("| phase | wall | peak RSS (process tree) |\n|---|---|---|")

@@ -187,6 +187,23 @@ def recover_leftovers(output: str | os.PathLike) -> None:
             os.close(fd)
 
 
+def link_bundle_files(bundle: str | os.PathLike, target: str | os.PathLike, skip: set[str]) -> None:
+    """Hard-link (or copy, across file systems) the files of `bundle` into `target`, except the
+    relative paths in `skip`, the manifest and built engines: for a new bundle that rewrites some
+    components of another (calibration, merged LoRA)."""
+    bundle, target = Path(bundle), Path(target)
+    for path in sorted(bundle.rglob("*")):
+        rel = path.relative_to(bundle).as_posix()
+        if rel in skip or rel == "manifest.json" or rel.split("/")[0] == "engines" or not path.is_file():
+            continue
+        dest = target / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, dest)
+        except OSError:
+            shutil.copy2(path, dest)
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | memoryview) -> None:
     """Write `data` to a temporary file beside `path`, flush it to disk, then rename it over `path`.
 

@@ -38,7 +38,7 @@ from latentrt.calibration.prompts import default_prompts, load_prompts, prompts_
 from latentrt.calibration.qdq import FP8_MIN_OPSET, insert_qdq, model_opset
 from latentrt.calibration.smoothquant import smooth_graph
 from latentrt.errors import BundleError, InputError
-from latentrt.bundle.writer import check_disjoint, check_output_dir, writing_bundle
+from latentrt.bundle.writer import check_disjoint, check_output_dir, link_bundle_files, writing_bundle
 from latentrt.bundle.manifest import Component, Manifest, load_manifest, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -233,7 +233,7 @@ def quantize_bundle(
         attention = attention_matmuls(GraphIndex(model))
         count = insert_qdq(model, selected, amax, config.precision, quantized=quantized)
         shutil.rmtree(work)
-        _copy_bundle(bundle, tmp, manifest, skip={comp.file, *comp.external_data})
+        link_bundle_files(bundle, tmp, skip={comp.file, *comp.external_data})
         onnx_path = tmp / comp.file
         external = _save(model, onnx_path)
         _check_model(onnx_path)
@@ -365,19 +365,6 @@ def _check_model(path: Path) -> None:
     except onnx.checker.ValidationError as err:
         raise BundleError(f"the quantized graph {path.name} is not valid ONNX ({err}); please report this with the bundle's source") from err
 
-
-def _copy_bundle(bundle: Path, target: Path, manifest: Manifest, skip: set[str]) -> None:
-    """Hard-link (or copy) the bundle's files except `skip`, the manifest and built engines."""
-    for path in sorted(bundle.rglob("*")):
-        rel = path.relative_to(bundle).as_posix()
-        if rel in skip or rel == "manifest.json" or rel.split("/")[0] == "engines" or not path.is_file():
-            continue
-        dest = target / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(path, dest)
-        except OSError:
-            shutil.copy2(path, dest)
 
 
 __all__ = ["QuantizeConfig", "is_quantized", "quantize_bundle"]

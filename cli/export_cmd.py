@@ -18,8 +18,10 @@ from latentrt.cli.format import echo_table
               help="Half precision keeps overflowing ops, normalisations and softmax in fp32 automatically.")
 @click.option("--vae-precision", type=click.Choice(["same", "fp32"]), default="same", show_default=True,
               help="fp32 keeps the VAE decoder in fp32 whatever --precision is.")
+@click.option("--streaming", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Export block by block with weights read from the checkpoint as needed (auto: components over 1 GiB).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty output directory.")
-def command(source, output, opset, max_batch, max_sequence_length, precision, vae_precision, overwrite) -> None:
+def command(source, output, opset, max_batch, max_sequence_length, precision, vae_precision, streaming, overwrite) -> None:
     """Export SOURCE (a diffusers pipeline directory or a preset such as tiny-sd3) to an ONNX bundle.
 
     Every component is exported with named dynamic axes, run on ONNX Runtime against PyTorch, and the
@@ -36,6 +38,7 @@ def command(source, output, opset, max_batch, max_sequence_length, precision, va
         precision=precision,
         vae_precision=vae_precision,
         overwrite=overwrite,
+        streaming=streaming,
     )
     manifest = export_pipeline(source, output, config, progress=lambda name: click.echo(f"exporting {name} ...", err=True))
     rows = [

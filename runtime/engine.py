@@ -27,6 +27,23 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from latentrt.bundle.manifest import TensorSpec
+from latentrt.errors import InputError
+
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
+
+
+def check_feeds(inputs: Sequence[TensorSpec], feeds: dict[str, np.ndarray]) -> None:
+    """Every input of `inputs` is in `feeds` with the manifest's dtype and rank, or an InputError
+    naming it (what an engine checks before it runs)."""
+    for spec in inputs:
+        if spec.name not in feeds:
+            raise InputError(f"missing input {spec.name!r}; this engine takes {[s.name for s in inputs]}")
+        array = feeds[spec.name]
+        expected = NUMPY_DTYPES.get(spec.dtype)
+        if expected is not None and array.dtype != expected:
+            raise InputError(f"input {spec.name!r} has dtype {array.dtype}, expected {spec.dtype}")
+        if len(array.shape) != len(spec.shape):
+            raise InputError(f"input {spec.name!r} has shape {array.shape}, expected rank {len(spec.shape)} {spec.shape}")
 
 
 @runtime_checkable

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 from latentrt.bundle.manifest import Manifest, load_manifest, sha256_file
-from latentrt.bundle.writer import writing_bundle
+from latentrt.bundle.writer import link_bundle_files, writing_bundle
 from latentrt.errors import InputError
 from latentrt.runtime.families import FAMILIES
 from latentrt.runtime.lora.adapters import LoraAdapters
@@ -64,7 +63,7 @@ def merge_lora_bundle(
         for name in overrides:
             comp = manifest.components[name]
             skip |= {comp.file, *comp.external_data}
-        _link_bundle(bundle, tmp, skip)
+        link_bundle_files(bundle, tmp, skip)
         for name, (_, values) in overrides.items():
             comp = manifest.components[name]
             model = onnx.load(os.fspath(bundle / comp.file))
@@ -97,19 +96,6 @@ def merge_lora_bundle(
         new.save(tmp)
     return new
 
-
-def _link_bundle(bundle: Path, target: Path, skip: set[str]) -> None:
-    """Hard-link (or copy) the bundle's files except `skip`, the manifest and built engines."""
-    for path in sorted(bundle.rglob("*")):
-        rel = path.relative_to(bundle).as_posix()
-        if rel in skip or rel == "manifest.json" or rel.split("/")[0] == "engines" or not path.is_file():
-            continue
-        dest = target / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(path, dest)
-        except OSError:
-            shutil.copy2(path, dest)
 
 
 __all__ = ["merge_lora_bundle"]

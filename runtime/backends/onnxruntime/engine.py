@@ -13,11 +13,10 @@ import numpy as np
 
 from latentrt.errors import BundleError, InputError
 from latentrt.bundle.manifest import Manifest, TensorSpec
-from latentrt.runtime.engine import BackendOptions
+from latentrt.runtime.engine import BackendOptions, check_feeds
 from latentrt.runtime.backends.cpu import cpu_info
 from latentrt.runtime.backends.onnxruntime.fusions import rewrite_model, rewritten_for_onnx_runtime
 
-_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
 
 
 @functools.cache
@@ -109,15 +108,7 @@ class OnnxRuntimeEngine:
         return options, saturating
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        for spec in self.inputs:
-            if spec.name not in feeds:
-                raise InputError(f"missing input {spec.name!r}; this engine takes {[s.name for s in self.inputs]}")
-            array = feeds[spec.name]
-            expected = _NUMPY_DTYPES.get(spec.dtype)
-            if expected is not None and array.dtype != expected:
-                raise InputError(f"input {spec.name!r} has dtype {array.dtype}, expected {spec.dtype}")
-            if len(array.shape) != len(spec.shape):
-                raise InputError(f"input {spec.name!r} has shape {array.shape}, expected rank {len(spec.shape)} {spec.shape}")
+        check_feeds(self.inputs, feeds)
         results = self._session.run(self._output_names, {s.name: feeds[s.name] for s in self.inputs})
         return dict(zip(self._output_names, results))
 

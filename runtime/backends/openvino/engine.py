@@ -41,14 +41,13 @@ import numpy as np
 from latentrt.bundle.manifest import Manifest, TensorSpec
 from latentrt.errors import BundleError, InputError, LatentRTError
 from latentrt.runtime.backends.cpu import cpu_info
-from latentrt.runtime.engine import BackendOptions
+from latentrt.runtime.engine import BackendOptions, check_feeds
 
 log = logging.getLogger(__name__)
 
 Precision = Literal["auto", "f32", "bf16"]
 Int8Mode = Literal["auto", "kernels", "exact"]
 
-_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
 #: CPU flags that change which kernels OpenVINO compiles (part of the cache key)
 MATRIX_FLAGS = frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8", "amx_fp16"})
 
@@ -144,15 +143,7 @@ class OpenVinoEngine:
         self._lock = threading.Lock()
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        for spec in self.inputs:
-            if spec.name not in feeds:
-                raise InputError(f"missing input {spec.name!r}; this engine takes {[s.name for s in self.inputs]}")
-            array = feeds[spec.name]
-            expected = _NUMPY_DTYPES.get(spec.dtype)
-            if expected is not None and array.dtype != expected:
-                raise InputError(f"input {spec.name!r} has dtype {array.dtype}, expected {spec.dtype}")
-            if len(array.shape) != len(spec.shape):
-                raise InputError(f"input {spec.name!r} has shape {array.shape}, expected rank {len(spec.shape)} {spec.shape}")
+        check_feeds(self.inputs, feeds)
         compiled = self._compiled
         if compiled is None:
             raise InputError("this engine was closed; load the bundle again")
