@@ -133,17 +133,16 @@ def test_cache_key_covers_what_changes_the_compiled_model(tmp_path):
     assert spec.key == CompiledModelSpec(**{k: v for k, v in vars(spec).items()}).key
 
 
-def test_unwritable_bundle_compiles_without_cache(bundle, caplog):
+def test_unwritable_bundle_compiles_without_cache(bundle):
     """A bundle where the cache cannot be made (here `engines` is a file) still loads; nothing is cached."""
     (bundle / "engines").write_text("not a folder")
     spec = CompiledModelSpec("vae_decoder", "a" * 64, "1", "f32", "cpu", ())
-    with caplog.at_level("INFO"):
-        assert cache_folder(bundle, spec) is None
-    assert "no compiled-model cache" in caplog.text
+    assert cache_folder(bundle, spec) is None
     manifest = load_manifest(bundle)
     engines = ov_engine.load_engines(bundle, manifest)
     comp = manifest.components["vae_decoder"]
     assert engines["vae_decoder"](_feeds(comp, batch=1, size=8))["sample"].shape == (1, 3, 64, 64)
+    assert (bundle / "engines").read_text() == "not a folder"
 
 
 def test_concurrent_calls_match_serial_ones(bundle):
