@@ -11,7 +11,9 @@ weight map. Measured, each the median of `--repeats`:
   the in-memory sessions of the components it touches);
 - a switch A -> B, B -> A, to the mix A 0.7 + B 0.5, and back to the base weights (`set_adapters`);
 - a denoising step without and with an adapter (merged weights: the same speed expected);
-- memory: each adapter's A/B matrices, and the process's RSS after load, with both adapters loaded.
+- memory: each adapter's A/B matrices, the base weights kept for restoring, and the process's RSS
+  after load, with both adapters loaded, after the switches, and after the switches once glibc's
+  `malloc_trim` has returned the freed heap (re-created sessions leave freed arenas that RSS counts).
 """
 
 from __future__ import annotations
@@ -61,6 +63,17 @@ def write_adapter(bundle: Path, path: Path, *, rank: int, seed: int) -> Path:
             tensors[f"{component}.{module}.lora_B.weight"] = rng.standard_normal((shape[0], rank), dtype=np.float32) * 0.01
     save_file(tensors, str(path))
     return path
+
+
+def trimmed_rss_mb() -> float:
+    """RSS after glibc's `malloc_trim(0)` (memory still in use, not freed heap); NaN off glibc."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return float("nan")
+    return rss_mb()
 
 
 def median_time(fn, repeats: int) -> float:
@@ -121,6 +134,9 @@ def main(argv=None) -> int:
             return time.perf_counter() - start
 
         switches["A -> base"] = statistics.median(to_base() for _ in range(args.repeats))
+        pipe.set_adapters(["a", "b"], adapter_weights=[0.7, 0.5])
+        rss_switched = rss_mb()
+        rss_trimmed = trimmed_rss_mb()
         adapters = {name: adapter.nbytes for name, adapter in pipe.lora.adapters.items()}
         result = {
             "bundle": str(args.bundle),
@@ -134,7 +150,7 @@ def main(argv=None) -> int:
             "denoising_step_ms": {"base": step_base * 1e3, "adapter": step_lora * 1e3},
             "adapter_bytes": adapters,
             "kept_base_weights_bytes": pipe.lora.base_nbytes,
-            "rss_mb": {"loaded": rss_loaded, "two_adapters": rss_adapters},
+            "rss_mb": {"loaded": rss_loaded, "two_adapters": rss_adapters, "after_switches": rss_switched, "after_switches_trimmed": rss_trimmed},
         }
     print(json.dumps(result, indent=2))
     if args.json:

@@ -124,6 +124,7 @@ def train_lora(pipeline_dir: str | Path, out: str | Path, config: LoraTrainConfi
         "config": dataclasses.asdict(config),
         "targets": list(TARGETS),
         "final_loss": float(np.mean(losses[-50:])),
+        "loss_per_50_steps": [round(float(np.mean(losses[i : i + 50])), 5) for i in range(0, len(losses), 50)],
         "wall_time_s": round(time.monotonic() - clock, 1),
         "lora_bytes": (out / "pytorch_lora_weights.safetensors").stat().st_size,
         "torch": torch.__version__,
