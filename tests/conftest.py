@@ -1,8 +1,22 @@
-"""Shared fixtures: tiny preset pipeline directories and their bundles, built once per test session."""
+"""Shared fixtures: tiny preset pipeline directories and their bundles, and the demo bundle, built once per test session."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def demo_bundle(tmp_path_factory):
+    """The shipped demo model (models/demo/pipeline) exported as `make demo` exports it."""
+    from latentrt.export.pipeline import ExportConfig, export_pipeline
+
+    out = tmp_path_factory.mktemp("demo") / "bundle"
+    export_pipeline(ROOT / "models" / "demo" / "pipeline", out, ExportConfig(max_sequence_length=0))
+    return out
 
 
 @pytest.fixture(scope="session")

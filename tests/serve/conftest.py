@@ -46,16 +46,6 @@ def serve_env():
     return env
 
 
-@pytest.fixture(scope="session")
-def demo_bundle(tmp_path_factory):
-    """The shipped demo model (models/demo/pipeline) exported as `make demo` exports it."""
-    from latentrt.export.pipeline import ExportConfig, export_pipeline
-
-    out = tmp_path_factory.mktemp("demo") / "bundle"
-    export_pipeline(ROOT / "models" / "demo" / "pipeline", out, ExportConfig(max_sequence_length=0))
-    return out
-
-
 class ServeProcess:
     """`latentrt serve` in a subprocess; `urls` once ready."""
 

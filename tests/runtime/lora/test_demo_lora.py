@@ -17,16 +17,6 @@ LORA = ROOT / "models" / "demo" / "lora" / "pytorch_lora_weights.safetensors"
 PROMPT = "a large red circle on the left on a grey background"
 
 
-@pytest.fixture(scope="module")
-def demo_bundle(tmp_path_factory):
-    """The shipped demo model exported as `make demo` exports it."""
-    from latentrt.export.pipeline import ExportConfig, export_pipeline
-
-    out = tmp_path_factory.mktemp("demo") / "bundle"
-    export_pipeline(ROOT / "models" / "demo" / "pipeline", out, ExportConfig(max_sequence_length=0))
-    return out
-
-
 @pytest.mark.slow  # exports the demo model (~25 s on 2 cores)
 def test_shipped_lora_is_small_and_turns_the_background_navy(demo_bundle):
     assert LORA.stat().st_size < 1_000_000
