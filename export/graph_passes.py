@@ -473,7 +473,7 @@ def split_sequences(model) -> int:
         if opset >= 18 and None not in sizes and len(set(sizes)) == 1:
             split = helper.make_node("Split", [node.input[0]], outputs, name=node.name, axis=axis, num_outputs=len(sizes))
         else:
-            if sizes_name not in {t.name for t in graph.initializer} and None not in sizes:
+            if None not in sizes:  # known sizes as a 1-D initializer (the input may be a chunk size)
                 sizes_name = f"{node.output[0]}/sizes"
                 graph.initializer.append(numpy_helper.from_array(np.array(sizes, np.int64), sizes_name))
             split = helper.make_node("Split", [node.input[0], sizes_name], outputs, name=node.name, axis=axis)

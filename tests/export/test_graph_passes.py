@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from latentrt.export.graph_passes import fold_static_shapes, fuse_parallel_matmuls
+from latentrt.export.graph_passes import fold_static_shapes, fuse_parallel_matmuls, split_sequences
 
 
 def _ort(model: onnx.ModelProto, optimized=None) -> ort.InferenceSession:
@@ -142,3 +142,37 @@ def test_tiny_sd3_sizes_are_constants_in_the_bundle(tiny_sd3_bundle):
     assert ops["Sqrt"] == 0
     chunks = [n for n in model.graph.node if n.op_type == "Slice" and "/norm1/" in n.name]
     assert len(chunks) >= 6 and all(n.input[1] in constants and n.input[2] in constants for n in chunks)
+
+
+@pytest.mark.parametrize("split", [np.array(3, np.int64), np.array([2, 5], np.int64), None])
+def test_sequence_splits_become_split(split):
+    """`SplitToSequence` + `SequenceAt` (dynamo without its optimizer) -> one `Split`, same values: a
+    chunk size (7 = 3 + 3 + 1), explicit sizes, and sizes computed at run time from a shape."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 7])
+    nodes, inits = [], []
+    if split is None:  # sizes [n - 5, 5] from the input's shape
+        inits += [numpy_helper.from_array(np.array([1], np.int64), "one"), numpy_helper.from_array(np.array([5], np.int64), "five")]
+        nodes += [
+            helper.make_node("Shape", ["x"], ["shape"]),
+            helper.make_node("Gather", ["shape", "one"], ["width"]),
+            helper.make_node("Sub", ["width", "five"], ["rest"]),
+            helper.make_node("Concat", ["rest", "five"], ["sizes"], axis=0),
+        ]
+    else:
+        inits.append(numpy_helper.from_array(split, "sizes"))
+    nodes.append(helper.make_node("SplitToSequence", ["x", "sizes"], ["seq"], axis=1))
+    picks = [0, -1] if split is None or split.ndim else [0, 1, -1]
+    outputs = []
+    for k, position in enumerate(picks):
+        inits.append(numpy_helper.from_array(np.array(position, np.int64), f"at{k}"))
+        nodes.append(helper.make_node("SequenceAt", ["seq", f"at{k}"], [f"y{k}"]))
+        outputs.append(helper.make_tensor_value_info(f"y{k}", TensorProto.FLOAT, None))
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], outputs, inits), opset_imports=[helper.make_opsetid("", 18)])
+    feeds = {"x": np.arange(14, dtype=np.float32).reshape(2, 7)}
+    expected = _ort(model).run(None, feeds)
+
+    assert split_sequences(model) == 1
+    ops = [n.op_type for n in model.graph.node]
+    assert "SplitToSequence" not in ops and "SequenceAt" not in ops and ops.count("Split") == 1
+    for got, want in zip(_ort(model).run(None, feeds), expected):
+        np.testing.assert_array_equal(got, want)
