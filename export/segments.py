@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from latentrt.graph.view import used_names, weightless
+from latentrt.graph.view import subgraph_reads, weightless
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def plan_segments(model, budget: int) -> list[Segment]:
     weights exceed it gets a segment of its own)."""
     graph = model.graph
     sizes = {t.name: tensor_bytes(t) for t in graph.initializer}
-    reads = [[i for i in list(n.input) + sorted(_subgraph_reads(n)) if i] for n in graph.node]
+    reads = [[i for i in list(n.input) + sorted(subgraph_reads(n)) if i] for n in graph.node]
     groups: list[list[int]] = [[]]
     held: set[str] = set()
     total = 0
@@ -80,14 +80,6 @@ def plan_segments(model, budget: int) -> list[Segment]:
             )
         )
     return segments
-
-
-def _subgraph_reads(node) -> set[str]:
-    reads: set[str] = set()
-    for a in node.attribute:
-        for sub in list(a.graphs) + ([a.g] if a.HasField("g") else []):
-            reads |= used_names(sub)
-    return reads
 
 
 class SegmentedModel:

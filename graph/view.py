@@ -20,7 +20,7 @@ class GraphView:
         self.producer = {o: n for n in graph.node for o in n.output}
         self.consumers: dict[str, list] = {}
         for n in graph.node:
-            for i in list(n.input) + sorted(_subgraph_reads(n) - set(n.input)):
+            for i in list(n.input) + sorted(subgraph_reads(n) - set(n.input)):
                 self.consumers.setdefault(i, []).append(n)
         inputs = {i.name for i in graph.input}
         self.constants = {t.name: t for t in graph.initializer if t.name not in inputs}
@@ -47,11 +47,11 @@ def used_names(graph) -> set[str]:
     used = {o.name for o in graph.output}
     for node in graph.node:
         used.update(i for i in node.input if i)
-        used |= _subgraph_reads(node)
+        used |= subgraph_reads(node)
     return used
 
 
-def _subgraph_reads(node) -> set[str]:
+def subgraph_reads(node) -> set[str]:
     """Names read inside the node's subgraphs (a superset of the outer tensors they use)."""
     reads: set[str] = set()
     for a in node.attribute:
