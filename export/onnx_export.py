@@ -233,9 +233,9 @@ def io_specs(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]
     (on the graph without its weights: nothing of a multi-GB data file is read)."""
     import onnx
 
-    skeleton = weightless(onnx.load(str(path), load_external_data=False))
-    weights = {i.name for i in skeleton.graph.input} - {i.name for i in onnx.load(str(path), load_external_data=False).graph.input}
-    graph = onnx.shape_inference.infer_shapes(skeleton).graph
+    model = onnx.load(str(path), load_external_data=False)
+    weights = {t.name for t in model.graph.initializer}
+    graph = onnx.shape_inference.infer_shapes(weightless(model)).graph
 
     def spec(value) -> TensorSpec:
         t = value.type.tensor_type
