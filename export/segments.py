@@ -189,11 +189,10 @@ def _release_freed_memory() -> None:
     """Hand memory freed by a segment back to the system (glibc keeps it otherwise: the process's
     resident size would stay at its largest segment's for the rest of the export)."""
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
-    if name and hasattr(ctypes.CDLL(name), "malloc_trim"):
-        ctypes.CDLL(name).malloc_trim(0)
+    libc = ctypes.CDLL(None)  # the process's own symbols: glibc's when it is the C library
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _range_nodes(tensors: Sequence[str], *, start: int = 0) -> tuple[list, list[tuple[str, str, str]]]:
